@@ -1,0 +1,47 @@
+"""Test environment: CPU only, 4 fake devices, offline hub, persistent compilation cache.
+
+Everything here runs before jax is imported by any test module.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_cache = os.environ.get("DTPF_JAX_CACHE", str(REPO / ".cache" / "jax"))
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# grain workers and absl-based mains read flags; tests never parse argv.
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """../shared/data when present; the test is skipped otherwise."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not available")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared is not available")
+    return SHARED

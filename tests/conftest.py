@@ -45,3 +45,31 @@ def shared_dir() -> pathlib.Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not available")
     return SHARED
+
+
+def tiny_model_config(kind: str = "student"):
+    """The smallest model of the official shape: dim 8, one block per level."""
+    from dtpf_jax.networks import model_config
+
+    cfg = model_config(kind)
+    cfg.dim = 8
+    cfg.num_blocks = (1, 1, 1, 1)
+    cfg.num_refinement_blocks = 1
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_student():
+    """(config, params) of a tiny student, initialised once per session."""
+    from dtpf_jax import networks
+
+    cfg = tiny_model_config("student")
+    return cfg, networks.init_params(networks.build_model(cfg), jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher():
+    from dtpf_jax import networks
+
+    cfg = tiny_model_config("teacher")
+    return cfg, networks.init_params(networks.build_model(cfg), jax.random.key(1))

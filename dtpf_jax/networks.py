@@ -1,0 +1,175 @@
+"""Teacher (text-guided) and student (text-free) fusion networks, built from `config.model`.
+
+Both are the official `Text_XRestormer` / `XRestormer` U-Net: two encoders (visible RGB, IR
+gray), SCFM fusion per level, a decoder with optional FiLM text modulation, refinement blocks
+and a 3x3 output conv plus a global residual on the visible input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dtpf_jax.blocks import (
+    AttentionFusion,
+    Conv1x1,
+    Conv3x3,
+    CrossAttention,
+    Downsample,
+    FiLM,
+    TransformerBlock,
+    Upsample,
+)
+
+# H and W must be multiples of this: three 2x downsamplings, then 8x8 windows.
+SIZE_MULTIPLE = 64
+
+
+def model_config(kind: str = "student") -> ml_collections.ConfigDict:
+    """Official model settings: 'teacher' (dim 48, text) or 'student' (dim 16, no text)."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            dim=16,
+            in_ch_a=3,
+            in_ch_b=1,
+            out_ch=3,
+            num_blocks=(2, 2, 2, 2),
+            num_refinement_blocks=2,
+            channel_heads=(1, 2, 4, 8),
+            spatial_heads=(2, 2, 3, 4),
+            spatial_dim_head=16,
+            window_size=8,
+            overlap_ratio=0.5,
+            ffn_expansion_factor=2.0,
+            fusion_channel_heads=8,
+            fusion_spatial_heads=4,
+            fusion_spatial_dim_head=32,
+            text_dim=0,
+            film_form="paper",
+            dtype="float32",
+        )
+    )
+    if kind == "teacher":
+        cfg.dim = 48
+        cfg.ffn_expansion_factor = 2.66
+        cfg.num_refinement_blocks = 4
+        cfg.text_dim = 512
+    elif kind != "student":
+        raise ValueError(f"unknown model kind {kind!r}; use 'teacher' or 'student'")
+    return cfg
+
+
+class Encoder(nn.Module):
+    """Patch embed + 4 levels of X-Restormer blocks; returns the outputs of all 4 levels."""
+
+    dim: int
+    num_blocks: Sequence[int]
+    channel_heads: Sequence[int]
+    spatial_heads: Sequence[int]
+    spatial_dim_head: int
+    ffn_expansion: float
+    window: int
+    overlap_ratio: float
+
+    @nn.compact
+    def __call__(self, x):
+        x = Conv3x3(self.dim, name="patch_embed_proj")(x)
+        feats = []
+        for lvl in range(4):
+            if lvl:
+                x = Downsample(name=f"down{lvl}_{lvl + 1}")(x)
+            for i in range(self.num_blocks[lvl]):
+                x = TransformerBlock(
+                    self.channel_heads[lvl], self.spatial_heads[lvl], self.spatial_dim_head,
+                    self.ffn_expansion, self.window, self.overlap_ratio,
+                    name=f"encoder_level{lvl + 1}_{i}",
+                )(x)
+            feats.append(x)
+        return feats
+
+
+class FusionNet(nn.Module):
+    """DTPF fusion U-Net; with text_dim > 0 it is the teacher (FiLM at 4 places)."""
+
+    config: ml_collections.ConfigDict
+
+    def _block(self, lvl: int, name: str):
+        c = self.config
+        return TransformerBlock(
+            c.channel_heads[lvl], c.spatial_heads[lvl], c.spatial_dim_head,
+            c.ffn_expansion_factor, c.window_size, c.overlap_ratio, name=name,
+        )
+
+    def _blocks(self, x, lvl: int, n: int, prefix: str):
+        for i in range(n):
+            x = self._block(lvl, f"{prefix}_{i}")(x)
+        return x
+
+    def _fusion(self, name: str):
+        c = self.config
+        return AttentionFusion(
+            c.fusion_channel_heads, c.fusion_spatial_heads, c.fusion_spatial_dim_head,
+            c.window_size, c.overlap_ratio, name=name,
+        )
+
+    def _film(self, x, text_emb, lvl: int):
+        if not self.config.text_dim:
+            return x
+        if text_emb is None:
+            raise ValueError("the teacher needs a (B, 512) text embedding")
+        return FiLM(self.config.film_form, name=f"prompt_guidance_{lvl}")(x, text_emb)
+
+    @nn.compact
+    def __call__(self, vis, ir, text_emb=None, return_features: bool = False):
+        """vis (B, H, W, 3), ir (B, H, W, 1) in [0, 1], H and W multiples of 64."""
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        vis, ir = vis.astype(dtype), ir.astype(dtype)
+        enc = lambda n: Encoder(
+            c.dim, c.num_blocks, c.channel_heads, c.spatial_heads, c.spatial_dim_head,
+            c.ffn_expansion_factor, c.window_size, c.overlap_ratio, name=n,
+        )
+        fa = enc("encoder_A")(vis)
+        fb = enc("encoder_B")(ir)
+
+        a4, b4 = CrossAttention(
+            c.spatial_heads[3], c.spatial_dim_head, c.fusion_channel_heads, c.window_size,
+            c.overlap_ratio, name="cross_attention",
+        )(fa[3], fb[3])
+        x = self._fusion("feature_fusion_4")(a4, b4)
+        x = self._film(x, text_emb, 4)
+        dec4 = x = self._blocks(x, 3, c.num_blocks[3], "decoder_level4")
+
+        feats = [dec4]
+        for lvl in (3, 2, 1):
+            x = Upsample(name=f"up{lvl + 1}_{lvl}")(x)
+            x = self._film(x, text_emb, lvl)
+            x = jnp.concatenate([x, self._fusion(f"feature_fusion_{lvl}")(fa[lvl - 1], fb[lvl - 1])], -1)
+            if lvl > 1:  # level 1 keeps 2*dim channels, as in Restormer
+                x = Conv1x1(x.shape[-1] // 2, name=f"reduce_chan_level{lvl}")(x)
+            x = self._blocks(x, lvl - 1, c.num_blocks[lvl - 1], f"decoder_level{lvl}")
+            feats.append(x)
+
+        x = self._blocks(x, 0, c.num_refinement_blocks, "refinement")
+        out = Conv3x3(c.out_ch, name="output")(x) + vis
+        return (out, feats) if return_features else out
+
+
+def build_model(model_cfg: ml_collections.ConfigDict) -> FusionNet:
+    return FusionNet(model_cfg)
+
+
+def init_params(model: FusionNet, rng, height: int = 64, width: int = 64):
+    """Random parameters (a small input suffices: no shape depends on H, W).
+
+    Jitted: run eagerly, init would compile every op of the forward pass one by one.
+    """
+    c = model.config
+    vis = jnp.zeros((1, height, width, c.in_ch_a), jnp.float32)
+    ir = jnp.zeros((1, height, width, c.in_ch_b), jnp.float32)
+    text = jnp.zeros((1, c.text_dim), jnp.float32) if c.text_dim else None
+    return jax.jit(lambda r: model.init(r, vis, ir, text)["params"])(rng)

@@ -1,0 +1,126 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dtpf_jax import blocks
+
+
+def test_pixel_shuffle_round_trip_and_torch_channel_order():
+    x = np.random.default_rng(0).normal(size=(2, 6, 8, 3)).astype(np.float32)
+    y = np.asarray(blocks.pixel_unshuffle(jnp.asarray(x)))
+    assert y.shape == (2, 3, 4, 12)
+    # PyTorch: output channel c*4 + i*2 + j at (h, w) holds input (c, 2h+i, 2w+j).
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                np.testing.assert_array_equal(y[..., c * 4 + i * 2 + j], x[:, i::2, j::2, c])
+    np.testing.assert_array_equal(np.asarray(blocks.pixel_shuffle(jnp.asarray(y))), x)
+
+
+def test_depthwise_shifted_form_equals_grouped_conv_forward_and_backward():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 9, 7, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 5)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 9, 7, 5)), jnp.float32)
+    np.testing.assert_allclose(
+        blocks.depthwise_conv3x3(x, w), blocks.depthwise_conv3x3_plain(x, w), atol=1e-5
+    )
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * g)
+    dx, dw = jax.grad(loss(blocks.depthwise_conv3x3), (0, 1))(x, w)
+    rx, rw = jax.grad(loss(blocks.depthwise_conv3x3_plain), (0, 1))(x, w)
+    np.testing.assert_allclose(dx, rx, atol=1e-4)
+    np.testing.assert_allclose(dw, rw, atol=1e-4)
+
+
+def _naive_window_attention(x, p, heads, dh, ws=8, ows=12):
+    """Per-query loops over the zero-padded overlapping key window (DESIGN §1, §10)."""
+    b, h, w, c = x.shape
+    qkv = x @ p["qkv"]["kernel"]
+    q, k, v = np.split(qkv, 3, axis=-1)
+    pad = (ows - ws) // 2
+    kp = np.pad(k, ((0, 0), (pad, pad + ows), (pad, pad + ows), (0, 0)))
+    vp = np.pad(v, ((0, 0), (pad, pad + ows), (pad, pad + ows), (0, 0)))
+    out = np.zeros((b, h, w, heads * dh))
+    for n in range(b):
+        for r in range(h):
+            for s in range(w):
+                wr, wc = (r // ws) * ws, (s // ws) * ws  # window origin (unpadded)
+                x_, y_ = r - wr, s - wc  # query position inside its 8x8 window
+                for hd in range(heads):
+                    sl = slice(hd * dh, (hd + 1) * dh)
+                    qv = q[n, r, s, sl] * dh**-0.5
+                    keys = kp[n, wr : wr + ows, wc : wc + ows, sl]  # padded offset cancels -pad
+                    vals = vp[n, wr : wr + ows, wc : wc + ows, sl]
+                    logit = np.einsum("d,ijd->ij", qv, keys)
+                    i, j = np.meshgrid(np.arange(ows), np.arange(ows), indexing="ij")
+                    logit = logit + (p["rel_height"][i - x_ + ows - 1] @ qv)
+                    logit = logit + (p["rel_width"][j - y_ + ows - 1] @ qv)
+                    a = np.exp(logit - logit.max())
+                    a /= a.sum()
+                    out[n, r, s, sl] = np.einsum("ij,ijd->d", a, vals)
+    return out @ p["project_out"]["kernel"]
+
+
+def test_window_attention_equals_naive_reference():
+    heads, dh = 2, 4
+    x = np.random.default_rng(2).normal(size=(1, 16, 24, 6)).astype(np.float32)
+    mod = blocks.WindowAttention(heads, dh)
+    params = mod.init(jax.random.key(0), jnp.asarray(x))["params"]
+    got = np.asarray(mod.apply({"params": params}, jnp.asarray(x)))
+    ref = _naive_window_attention(x.astype(np.float64), jax.tree.map(np.asarray, params), heads, dh)
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_channel_attention_equals_numpy_reference():
+    heads = 2
+    x = np.random.default_rng(3).normal(size=(1, 5, 6, 4)).astype(np.float32)
+    mod = blocks.ChannelAttention(heads)
+    params = mod.init(jax.random.key(1), jnp.asarray(x))["params"]
+    params = jax.tree.map(np.asarray, params)
+    params["temperature"] = np.array([0.7, 1.9], np.float32)
+    got = np.asarray(mod.apply({"params": params}, jnp.asarray(x)))
+    qkv = np.asarray(blocks.depthwise_conv3x3_plain(
+        jnp.asarray(x @ params["qkv"]["kernel"]), jnp.asarray(params["qkv_dwconv"]["kernel"])))
+    out = np.zeros((5 * 6, 4))
+    for hd in range(heads):
+        q, k, v = (qkv[0, ..., t * 4 + hd * 2 : t * 4 + hd * 2 + 2].reshape(-1, 2) for t in range(3))
+        q, k = q / np.linalg.norm(q, axis=0), k / np.linalg.norm(k, axis=0)
+        a = (q.T @ k) * params["temperature"][hd]
+        a = np.exp(a - a.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        out[:, hd * 2 : hd * 2 + 2] = (a @ v.T).T
+    ref = (out @ params["project_out"]["kernel"]).reshape(1, 5, 6, 4)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("form,expect_identity", [("paper", True), ("official", False)])
+def test_film_with_zero_gamma_beta(form, expect_identity):
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 3, 5)), jnp.float32)
+    t = jnp.ones((2, 512))
+    mod = blocks.FiLM(form)
+    params = mod.init(jax.random.key(0), x, t)["params"]
+    params["fc_2"] = jax.tree.map(jnp.zeros_like, params["fc_2"])  # gamma = beta = 0
+    y = mod.apply({"params": params}, x, t)
+    if expect_identity:
+        np.testing.assert_array_equal(y, x)
+    else:
+        np.testing.assert_array_equal(y, jnp.zeros_like(x))
+
+
+def test_film_modulates_per_sample():
+    x = jnp.ones((2, 2, 2, 4))
+    t = jnp.stack([jnp.zeros(512), jnp.ones(512)])
+    mod = blocks.FiLM("paper")
+    params = mod.init(jax.random.key(0), x, t)["params"]
+    y = np.asarray(mod.apply({"params": params}, x, t))
+    assert not np.allclose(y[0], y[1])
+
+
+def test_layernorm_matches_definition():
+    x = np.random.default_rng(5).normal(size=(2, 3, 4, 7)).astype(np.float32)
+    mod = blocks.LayerNorm()
+    params = {"weight": np.linspace(0.5, 2, 7, dtype=np.float32), "bias": np.arange(7.0) / 7}
+    y = np.asarray(mod.apply({"params": params}, jnp.asarray(x)))
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, ref * params["weight"] + params["bias"], atol=1e-5)

@@ -99,7 +99,9 @@ class Fuser:
                     acc[i, y : y + TILE, x : x + TILE] += o * weight
                     if i == 0:
                         norm[y : y + TILE, x : x + TILE] += weight
-        fused = acc / (norm + 1e-6)
+        # The official code divides by (norm + 1e-6); with fspecial weights (peak ~1.6e-4)
+        # that darkens the output by ~0.7 % inside and by far more at the image corners.
+        fused = acc / np.maximum(norm, np.finfo(np.float64).tiny)
         return np.clip(fused[:, :h, :w], 0.0, 1.0).astype(np.float32)
 
 

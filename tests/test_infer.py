@@ -1,0 +1,98 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dtpf_jax import infer
+
+
+def _smooth_pair(h, w, b=1):
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    vis = np.stack(
+        [0.5 + 0.3 * np.sin(3 * xx + 2 * yy), 0.4 + 0.2 * np.cos(2 * xx), 0.3 + 0.2 * yy], -1
+    )
+    ir = (0.5 + 0.4 * np.sin(4 * yy) * np.cos(3 * xx))[..., None]
+    return (
+        np.repeat(vis[None], b, 0).astype(np.float32),
+        np.repeat(ir[None], b, 0).astype(np.float32),
+    )
+
+
+def test_bucket_sizes():
+    assert [infer.bucket_size(n) for n in (1, 64, 65, 191, 256, 257, 384, 385, 480, 640)] == [
+        64,
+        64,
+        128,
+        192,
+        256,
+        384,
+        384,
+        512,
+        512,
+        640,
+    ]
+
+
+def test_tile_starts_cover_the_image():
+    assert infer.tile_starts(128) == [0]
+    assert infer.tile_starts(300) == [0, 64, 128, 172]
+    starts = infer.tile_starts(480)
+    assert starts[-1] + infer.TILE == 480 and len(starts) == 7  # 7 x 9 = 63 windows at 480x640
+
+
+def test_odd_sizes_come_back_at_their_size_and_in_range(tiny_student):
+    cfg, params = tiny_student
+    fuse = infer.Fuser(cfg)
+    vis, ir = _smooth_pair(37, 91, b=2)
+    out = fuse(params, vis, ir)
+    assert out.shape == (2, 37, 91, 3)
+    assert out.dtype == np.float32 and out.min() >= 0.0 and out.max() <= 1.0
+    # 2-D / 3-D inputs are accepted as a batch of one.
+    assert fuse(params, vis[0], ir[0, ..., 0]).shape == (1, 37, 91, 3)
+
+
+def test_jit_compiles_once_per_bucket(tiny_student):
+    cfg, params = tiny_student
+    fuse = infer.Fuser(cfg)
+    for h, w in [(37, 91), (50, 100), (64, 128), (60, 70)]:  # buckets 64x128, 64x128, 64x128
+        fuse(params, *_smooth_pair(h, w))  # ... and 64x128 again
+    assert fuse.trace_count == 1
+    fuse(params, *_smooth_pair(65, 91))  # 128 x 128: a new bucket
+    assert fuse.trace_count == 2
+
+
+def test_tiles_blend_a_pointwise_net_exactly(tiny_student):
+    """The Gaussian blending is a partition of unity: a pointwise net comes back unchanged."""
+    cfg, _ = tiny_student
+    fuse = infer.Fuser(cfg)
+    fuse._apply = lambda p, v, i, t: jnp.clip(0.6 * v + 0.4 * i, 0, 1)
+    vis, ir = _smooth_pair(200, 333)
+    tiles = fuse(None, vis, ir, mode="tiles", tile_batch=4)
+    np.testing.assert_allclose(tiles, 0.6 * vis + 0.4 * ir, atol=2e-6)
+
+
+def test_tiles_and_full_agree_on_a_smooth_image(tiny_student):
+    cfg, params = tiny_student
+    fuse = infer.Fuser(cfg)
+    vis, ir = _smooth_pair(192, 256)
+    full = fuse(params, vis, ir, mode="full")
+    tiles = fuse(params, vis, ir, mode="tiles", tile_batch=6)
+    assert tiles.shape == full.shape == (1, 192, 256, 3)
+    # A random net has global context (channel attention), so tiles only approximate the
+    # full image; they must still be far closer to it than the net's change to its input.
+    gap = np.abs(full - tiles).mean()
+    assert gap < 0.03 and gap < 0.35 * np.abs(full - vis).mean()
+
+
+def test_teacher_needs_text(tiny_teacher):
+    cfg, params = tiny_teacher
+    fuse = infer.Fuser(cfg)
+    vis, ir = _smooth_pair(64, 64)
+    with pytest.raises(ValueError, match="text"):
+        fuse(params, vis, ir)
+    assert fuse(params, vis, ir, np.zeros(512)).shape == (1, 64, 64, 3)
+
+
+def test_size_mismatch_is_an_error(tiny_student):
+    cfg, params = tiny_student
+    with pytest.raises(ValueError, match="sizes differ"):
+        infer.Fuser(cfg)(params, np.zeros((1, 64, 64, 3)), np.zeros((1, 64, 70, 1)))

@@ -31,7 +31,9 @@ def torch_kernel_init(key, shape, dtype=jnp.float32):
 def torch_bias_init(fan_in: int):
     """PyTorch's default bias init: U(+-1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
 
 
 class Conv1x1(nn.Module):
@@ -61,7 +63,10 @@ class Conv3x3(nn.Module):
         cin = x.shape[-1]
         kernel = self.param("kernel", torch_kernel_init, (3, 3, cin, self.features))
         y = lax.conv_general_dilated(
-            x, kernel.astype(x.dtype), (1, 1), ((1, 1), (1, 1)),
+            x,
+            kernel.astype(x.dtype),
+            (1, 1),
+            ((1, 1), (1, 1)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         if self.use_bias:
@@ -111,8 +116,12 @@ depthwise_conv3x3.defvjp(_dw_fwd, _dw_bwd)
 def depthwise_conv3x3_plain(x, w):
     """Reference: XLA grouped convolution (slow on CPU, used by tests)."""
     return lax.conv_general_dilated(
-        x, w[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
+        x,
+        w[:, :, None, :],
+        (1, 1),
+        ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
     )
 
 
@@ -122,8 +131,9 @@ class DWConv3x3(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        kernel = self.param("kernel", lambda k, s: torch_kernel_init(k, s[:2] + (1, s[2]))[:, :, 0],
-                            (3, 3, c))
+        kernel = self.param(
+            "kernel", lambda k, s: torch_kernel_init(k, s[:2] + (1, s[2]))[:, :, 0], (3, 3, c)
+        )
         return depthwise_conv3x3(x, kernel.astype(x.dtype))
 
 
@@ -297,10 +307,15 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = x + ChannelAttention(self.channel_heads, name="channel_attn")(LayerNorm(name="norm1")(x))
+        x = x + ChannelAttention(self.channel_heads, name="channel_attn")(
+            LayerNorm(name="norm1")(x)
+        )
         x = x + FeedForward(self.ffn_expansion, name="channel_ffn")(LayerNorm(name="norm2")(x))
         x = x + WindowAttention(
-            self.spatial_heads, self.spatial_dim_head, self.window, self.overlap_ratio,
+            self.spatial_heads,
+            self.spatial_dim_head,
+            self.window,
+            self.overlap_ratio,
             name="spatial_attn",
         )(LayerNorm(name="norm3")(x))
         x = x + FeedForward(self.ffn_expansion, name="spatial_ffn")(LayerNorm(name="norm4")(x))
@@ -346,7 +361,10 @@ class AttentionFusion(nn.Module):
         c = a.shape[-1]
         x = jnp.concatenate([a, b], axis=-1)
         y = ChannelAttention(self.channel_heads, name="channel_attn")(x) + WindowAttention(
-            self.spatial_heads, self.spatial_dim_head, self.window, self.overlap_ratio,
+            self.spatial_heads,
+            self.spatial_dim_head,
+            self.window,
+            self.overlap_ratio,
             name="spatial_attn",
         )(x)
         return Conv3x3(c, use_bias=True, name="conv")(y)

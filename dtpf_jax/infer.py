@@ -23,8 +23,9 @@ STRIDE = 64
 SIGMA = 32.0
 
 
-def bucket_size(n: int, multiple: int = SIZE_MULTIPLE, coarse_above: int = 256,
-                coarse: int = 128) -> int:
+def bucket_size(
+    n: int, multiple: int = SIZE_MULTIPLE, coarse_above: int = 256, coarse: int = 128
+) -> int:
     """Padded length for n: a multiple of 64, and of 128 above 256 (fewer compiles)."""
     m = max(multiple, math.ceil(n / multiple) * multiple)
     if m > coarse_above:

@@ -7,6 +7,7 @@ and a 3x3 output conv plus a global residual on the visible input.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -63,6 +64,14 @@ def model_config(kind: str = "student") -> ml_collections.ConfigDict:
     return cfg
 
 
+def model_config_from_json(text: str) -> ml_collections.ConfigDict:
+    """Inverse of `cfg.to_json()` (JSON lists back to the tuples of `model_config`)."""
+    d = json.loads(text)
+    return ml_collections.ConfigDict(
+        {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    )
+
+
 class Encoder(nn.Module):
     """Patch embed + 4 levels of X-Restormer blocks; returns the outputs of all 4 levels."""
 
@@ -84,8 +93,12 @@ class Encoder(nn.Module):
                 x = Downsample(name=f"down{lvl}_{lvl + 1}")(x)
             for i in range(self.num_blocks[lvl]):
                 x = TransformerBlock(
-                    self.channel_heads[lvl], self.spatial_heads[lvl], self.spatial_dim_head,
-                    self.ffn_expansion, self.window, self.overlap_ratio,
+                    self.channel_heads[lvl],
+                    self.spatial_heads[lvl],
+                    self.spatial_dim_head,
+                    self.ffn_expansion,
+                    self.window,
+                    self.overlap_ratio,
                     name=f"encoder_level{lvl + 1}_{i}",
                 )(x)
             feats.append(x)
@@ -100,8 +113,13 @@ class FusionNet(nn.Module):
     def _block(self, lvl: int, name: str):
         c = self.config
         return TransformerBlock(
-            c.channel_heads[lvl], c.spatial_heads[lvl], c.spatial_dim_head,
-            c.ffn_expansion_factor, c.window_size, c.overlap_ratio, name=name,
+            c.channel_heads[lvl],
+            c.spatial_heads[lvl],
+            c.spatial_dim_head,
+            c.ffn_expansion_factor,
+            c.window_size,
+            c.overlap_ratio,
+            name=name,
         )
 
     def _blocks(self, x, lvl: int, n: int, prefix: str):
@@ -112,8 +130,12 @@ class FusionNet(nn.Module):
     def _fusion(self, name: str):
         c = self.config
         return AttentionFusion(
-            c.fusion_channel_heads, c.fusion_spatial_heads, c.fusion_spatial_dim_head,
-            c.window_size, c.overlap_ratio, name=name,
+            c.fusion_channel_heads,
+            c.fusion_spatial_heads,
+            c.fusion_spatial_dim_head,
+            c.window_size,
+            c.overlap_ratio,
+            name=name,
         )
 
     def _film(self, x, text_emb, lvl: int):
@@ -130,15 +152,26 @@ class FusionNet(nn.Module):
         dtype = jnp.dtype(c.dtype)
         vis, ir = vis.astype(dtype), ir.astype(dtype)
         enc = lambda n: Encoder(
-            c.dim, c.num_blocks, c.channel_heads, c.spatial_heads, c.spatial_dim_head,
-            c.ffn_expansion_factor, c.window_size, c.overlap_ratio, name=n,
+            c.dim,
+            c.num_blocks,
+            c.channel_heads,
+            c.spatial_heads,
+            c.spatial_dim_head,
+            c.ffn_expansion_factor,
+            c.window_size,
+            c.overlap_ratio,
+            name=n,
         )
         fa = enc("encoder_A")(vis)
         fb = enc("encoder_B")(ir)
 
         a4, b4 = CrossAttention(
-            c.spatial_heads[3], c.spatial_dim_head, c.fusion_channel_heads, c.window_size,
-            c.overlap_ratio, name="cross_attention",
+            c.spatial_heads[3],
+            c.spatial_dim_head,
+            c.fusion_channel_heads,
+            c.window_size,
+            c.overlap_ratio,
+            name="cross_attention",
         )(fa[3], fb[3])
         x = self._fusion("feature_fusion_4")(a4, b4)
         x = self._film(x, text_emb, 4)
@@ -148,7 +181,9 @@ class FusionNet(nn.Module):
         for lvl in (3, 2, 1):
             x = Upsample(name=f"up{lvl + 1}_{lvl}")(x)
             x = self._film(x, text_emb, lvl)
-            x = jnp.concatenate([x, self._fusion(f"feature_fusion_{lvl}")(fa[lvl - 1], fb[lvl - 1])], -1)
+            x = jnp.concatenate(
+                [x, self._fusion(f"feature_fusion_{lvl}")(fa[lvl - 1], fb[lvl - 1])], -1
+            )
             if lvl > 1:  # level 1 keeps 2*dim channels, as in Restormer
                 x = Conv1x1(x.shape[-1] // 2, name=f"reduce_chan_level{lvl}")(x)
             x = self._blocks(x, lvl - 1, c.num_blocks[lvl - 1], f"decoder_level{lvl}")

@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 
+
 def flax_path(name: str) -> tuple[str, ...]:
     """Official tensor name -> path in our params tree (CLIP entries are not ours)."""
     parts = name.split(".")

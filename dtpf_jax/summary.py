@@ -1,6 +1,6 @@
 """Per-module parameter table of a config's model, computed with jax.eval_shape.
 
-  python -m dtpf_jax.summary --config configs/teacher.py
+python -m dtpf_jax.summary --config configs/teacher.py
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def param_table(model_cfg, depth: int = 1) -> tuple[list[tuple[str, int]], int]:
     groups: dict[str, int] = {}
     for path, leaf in flatten_dict(shapes).items():
         # Blocks of one stage (decoder_level1_0, decoder_level1_1, ...) share a row.
-        key = "/".join(re.sub(r"_(\d+)$", "", p) if p.startswith(_STAGES) else p
-                       for p in path[:depth])
+        key = "/".join(
+            re.sub(r"_(\d+)$", "", p) if p.startswith(_STAGES) else p for p in path[:depth]
+        )
         groups[key] = groups.get(key, 0) + int(np.prod(leaf.shape))
     return list(groups.items()), sum(groups.values())
 

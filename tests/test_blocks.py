@@ -80,11 +80,16 @@ def test_channel_attention_equals_numpy_reference():
     params = jax.tree.map(np.asarray, params)
     params["temperature"] = np.array([0.7, 1.9], np.float32)
     got = np.asarray(mod.apply({"params": params}, jnp.asarray(x)))
-    qkv = np.asarray(blocks.depthwise_conv3x3_plain(
-        jnp.asarray(x @ params["qkv"]["kernel"]), jnp.asarray(params["qkv_dwconv"]["kernel"])))
+    qkv = np.asarray(
+        blocks.depthwise_conv3x3_plain(
+            jnp.asarray(x @ params["qkv"]["kernel"]), jnp.asarray(params["qkv_dwconv"]["kernel"])
+        )
+    )
     out = np.zeros((5 * 6, 4))
     for hd in range(heads):
-        q, k, v = (qkv[0, ..., t * 4 + hd * 2 : t * 4 + hd * 2 + 2].reshape(-1, 2) for t in range(3))
+        q, k, v = (
+            qkv[0, ..., t * 4 + hd * 2 : t * 4 + hd * 2 + 2].reshape(-1, 2) for t in range(3)
+        )
         q, k = q / np.linalg.norm(q, axis=0), k / np.linalg.norm(k, axis=0)
         a = (q.T @ k) * params["temperature"][hd]
         a = np.exp(a - a.max(-1, keepdims=True))

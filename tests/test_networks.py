@@ -52,8 +52,9 @@ def test_official_layout_round_trip():
     np.testing.assert_array_equal(official.to_flax("x.weight", w), w[:, :, 0, 0].T)
 
 
-@pytest.mark.parametrize("kind,widths", [("teacher", (384, 192, 96, 96)),
-                                         ("student", (128, 64, 32, 32))])
+@pytest.mark.parametrize(
+    "kind,widths", [("teacher", (384, 192, 96, 96)), ("student", (128, 64, 32, 32))]
+)
 def test_full_size_shapes_480x640_and_distillation_features(kind, widths):
     cfg = networks.model_config(kind)
     model = networks.build_model(cfg)
@@ -63,7 +64,10 @@ def test_full_size_shapes_480x640_and_distillation_features(kind, widths):
     text = jax.ShapeDtypeStruct((2, 512), jnp.float32) if cfg.text_dim else None
     out, feats = jax.eval_shape(
         lambda p, v, i, t: model.apply({"params": p}, v, i, t, return_features=True),
-        params, vis, ir, text,
+        params,
+        vis,
+        ir,
+        text,
     )
     assert out.shape == (2, 448, 640, 3)
     assert tuple(f.shape[-1] for f in feats) == widths
@@ -78,7 +82,8 @@ def test_teacher_requires_text_and_uses_it(tiny_teacher):
     with pytest.raises(ValueError, match="text embedding"):
         jax.eval_shape(lambda p: model.apply({"params": p}, vis, ir, None), params)
     out = jax.jit(lambda p, t: model.apply({"params": p}, vis, ir, t))(
-        params, jnp.stack([jnp.zeros(512), jnp.ones(512)]))
+        params, jnp.stack([jnp.zeros(512), jnp.ones(512)])
+    )
     a, b = out[0], out[1]
     assert float(jnp.abs(a - b).max()) > 1e-4
 

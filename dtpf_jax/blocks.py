@@ -12,6 +12,7 @@ reshapes and concatenations instead of gathers.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -193,12 +194,13 @@ class ChannelAttention(nn.Module):
         b, h, w, c = x.shape
         qkv = DWConv3x3(name="qkv_dwconv")(Conv1x1(3 * c, self.bias, name="qkv")(x))
         q, k, v = (t.reshape(b, h * w, self.heads, c // self.heads) for t in jnp.split(qkv, 3, -1))
-        # F.normalize(dim=-1) over the spatial axis, eps 1e-12.
-        q = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        k = k / jnp.maximum(jnp.linalg.norm(k, axis=1, keepdims=True), 1e-12)
+        # q, k are L2-normalised over the spatial axis (F.normalize, eps 1e-12); scaling the
+        # small C_h x C_h Gram matrix instead of the two full-size tensors is the same product.
         temperature = self.param("temperature", nn.initializers.ones, (self.heads,))
-        attn = jnp.einsum("bnhc,bnhd->bhcd", q, k) * temperature.astype(x.dtype)[:, None, None]
-        attn = jax.nn.softmax(attn, axis=-1)
+        inv_q = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(q), axis=1)), 1e-12)  # (b, h, c)
+        inv_k = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(k), axis=1)), 1e-12)
+        attn = jnp.einsum("bnhc,bnhd->bhcd", q, k) * inv_q[..., :, None] * inv_k[..., None, :]
+        attn = jax.nn.softmax(attn * temperature.astype(x.dtype)[:, None, None], axis=-1)
         out = jnp.einsum("bhcd,bnhd->bnhc", attn, v).reshape(b, h, w, c)
         return Conv1x1(c, self.bias, name="project_out")(out)
 
@@ -218,6 +220,43 @@ def overlap_windows(t, window: int, overlap: int):
     win = jnp.concatenate([rows[:, :, :, :-1], rows[:, :, :, 1:, :overlap]], axis=4)
     ws = window + overlap
     return win.transpose(0, 1, 3, 2, 4, 5).reshape(b, nh, nw, ws * ws, c)
+
+
+def _head_windows_plain(t, heads: int, window: int, overlap: int):
+    b, h, w, c = t.shape
+    win = overlap_windows(t, window, overlap)
+    return win.reshape(*win.shape[:4], heads, c // heads).transpose(0, 1, 2, 4, 3, 5)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def head_windows(t, heads: int, window: int, overlap: int):
+    """Key/value windows per head: (B, H, W, heads*d) -> (B, H/w, W/w, heads, (w+o)^2, d).
+
+    Forward by one gather (half the time of reshapes + concatenations + transposes on CPU);
+    backward by the transpose of the reshape form, since a gather's VJP is a slow scatter.
+    """
+    b, h, w, c = t.shape
+    p = overlap // 2
+    nh, nw, ws = h // window, w // window, window + overlap
+    tp = jnp.pad(t, ((0, 0), (p, window - p), (p, window - p), (0, 0)))
+    tp = tp.reshape(b, h + window, w + window, heads, c // heads).transpose(0, 3, 1, 2, 4)
+    rows = np.arange(nh)[:, None] * window + np.arange(ws)[None, :]
+    cols = np.arange(nw)[:, None] * window + np.arange(ws)[None, :]
+    g = tp[:, :, rows[:, None, :, None], cols[None, :, None, :]]  # b, heads, nh, nw, ws, ws, d
+    return g.reshape(b, heads, nh, nw, ws * ws, c // heads).transpose(0, 2, 3, 1, 4, 5)
+
+
+def _head_windows_fwd(t, heads, window, overlap):
+    return head_windows(t, heads, window, overlap), t.shape
+
+
+def _head_windows_bwd(heads, window, overlap, shape, g):
+    zeros = jnp.zeros(shape, g.dtype)
+    _, vjp = jax.vjp(lambda u: _head_windows_plain(u, heads, window, overlap), zeros)
+    return vjp(g)
+
+
+head_windows.defvjp(_head_windows_fwd, _head_windows_bwd)
 
 
 def rel_pos_index(window: int, overlap_window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,16 +294,13 @@ class WindowAttention(nn.Module):
         nh, nw = h // ws, w // ws
         q = q.reshape(b, nh, ws, nw, ws, nh_, dh).transpose(0, 1, 3, 5, 2, 4, 6)
         q = q.reshape(b, nh, nw, nh_, ws * ws, dh) * (dh**-0.5)
-        k, v = (
-            overlap_windows(t, ws, ows - ws)
-            .reshape(b, nh, nw, ows * ows, nh_, dh)
-            .transpose(0, 1, 2, 4, 3, 5)
-            for t in (k, v)
-        )
+        k, v = (head_windows(t, nh_, ws, ows - ws) for t in (k, v))
         logits = jnp.einsum("bxyhqd,bxyhkd->bxyhqk", q, k)
         logits = logits + self._rel_pos_bias(q, ws, ows)
-        attn = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bxyhqk,bxyhkd->bxyhqd", attn, v)
+        # Softmax with the normalisation deferred to the (q, d) output: dividing 64 x d values
+        # instead of 64 x 144 probabilities halves the attention time on CPU.
+        e = jnp.exp(logits - lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+        out = jnp.einsum("bxyhqk,bxyhkd->bxyhqd", e, v) / jnp.sum(e, axis=-1, keepdims=True)
         out = out.reshape(b, nh, nw, nh_, ws, ws, dh).transpose(0, 1, 4, 2, 5, 3, 6)
         return Conv1x1(c, self.bias, name="project_out")(out.reshape(b, h, w, inner))
 

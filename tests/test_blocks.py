@@ -129,3 +129,26 @@ def test_layernorm_matches_definition():
     y = np.asarray(mod.apply({"params": params}, jnp.asarray(x)))
     ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(y, ref * params["weight"] + params["bias"], atol=1e-5)
+
+
+def test_head_windows_gather_equals_reshape_form_and_its_vjp():
+    rng = np.random.default_rng(6)
+    t = jnp.asarray(rng.normal(size=(2, 16, 24, 6)), jnp.float32)
+    got = blocks.head_windows(t, 2, 8, 4)
+    ref = blocks._head_windows_plain(t, 2, 8, 4)
+    assert got.shape == (2, 2, 3, 2, 144, 3)
+    np.testing.assert_array_equal(got, ref)
+    g = jnp.asarray(rng.normal(size=got.shape), jnp.float32)
+    (dt,) = jax.vjp(lambda u: blocks.head_windows(u, 2, 8, 4), t)[1](g)
+    # Reference VJP: autodiff of a plain gather (a scatter-add).
+    rows = np.arange(2)[:, None] * 8 + np.arange(12)
+    cols = np.arange(3)[:, None] * 8 + np.arange(12)
+
+    def gather(u):
+        up = jnp.pad(u, ((0, 0), (2, 6), (2, 6), (0, 0)))
+        w = up[:, rows[:, None, :, None], cols[None, :, None, :]]  # b, nh, nw, 12, 12, c
+        return w.reshape(2, 2, 3, 144, 2, 3).transpose(0, 1, 2, 4, 3, 5)
+
+    np.testing.assert_array_equal(gather(t), ref)
+    (rt,) = jax.vjp(gather, t)[1](g)
+    np.testing.assert_allclose(dt, rt, atol=1e-5)

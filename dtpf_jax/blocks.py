@@ -193,12 +193,17 @@ class ChannelAttention(nn.Module):
     def __call__(self, x):
         b, h, w, c = x.shape
         qkv = DWConv3x3(name="qkv_dwconv")(Conv1x1(3 * c, self.bias, name="qkv")(x))
+        # Materialise q, k, v once: otherwise XLA recomputes the 9-tap conv inside each of the
+        # five fusions that read a slice of it.
+        qkv = lax.optimization_barrier(qkv)
         q, k, v = (t.reshape(b, h * w, self.heads, c // self.heads) for t in jnp.split(qkv, 3, -1))
         # q, k are L2-normalised over the spatial axis (F.normalize, eps 1e-12); scaling the
         # small C_h x C_h Gram matrix instead of the two full-size tensors is the same product.
         temperature = self.param("temperature", nn.initializers.ones, (self.heads,))
-        inv_q = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(q), axis=1)), 1e-12)  # (b, h, c)
-        inv_k = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(k), axis=1)), 1e-12)
+        # rsqrt of the clamped square: same value as 1/max(|q|, 1e-12), but a finite gradient
+        # on flat (all-zero) inputs where sqrt's derivative is infinite.
+        inv_q = lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(q), axis=1), 1e-24))  # (b, h, c)
+        inv_k = lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(k), axis=1), 1e-24))
         attn = jnp.einsum("bnhc,bnhd->bhcd", q, k) * inv_q[..., :, None] * inv_k[..., None, :]
         attn = jax.nn.softmax(attn * temperature.astype(x.dtype)[:, None, None], axis=-1)
         out = jnp.einsum("bhcd,bnhd->bnhc", attn, v).reshape(b, h, w, c)
@@ -251,7 +256,8 @@ def _head_windows_fwd(t, heads, window, overlap):
 
 
 def _head_windows_bwd(heads, window, overlap, shape, g):
-    zeros = jnp.zeros(shape, g.dtype)
+    # full_like keeps g's device-variance under shard_map (jnp.zeros would be invariant).
+    zeros = lax.full_like(g, 0, shape=shape)
     _, vjp = jax.vjp(lambda u: _head_windows_plain(u, heads, window, overlap), zeros)
     return vjp(g)
 

@@ -51,6 +51,7 @@ def model_config(kind: str = "student") -> ml_collections.ConfigDict:
             fusion_spatial_dim_head=32,
             text_dim=0,
             film_form="paper",
+            remat=True,
             dtype="float32",
         )
     )
@@ -83,16 +84,18 @@ class Encoder(nn.Module):
     ffn_expansion: float
     window: int
     overlap_ratio: float
+    remat: bool = True
 
     @nn.compact
     def __call__(self, x):
+        block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
         x = Conv3x3(self.dim, name="patch_embed_proj")(x)
         feats = []
         for lvl in range(4):
             if lvl:
                 x = Downsample(name=f"down{lvl}_{lvl + 1}")(x)
             for i in range(self.num_blocks[lvl]):
-                x = TransformerBlock(
+                x = block(
                     self.channel_heads[lvl],
                     self.spatial_heads[lvl],
                     self.spatial_dim_head,
@@ -110,9 +113,14 @@ class FusionNet(nn.Module):
 
     config: ml_collections.ConfigDict
 
+    def _remat(self, cls):
+        # Recompute each block's inside in the backward pass: the stored attention maps
+        # would otherwise need ~13 GiB (student) / ~53 GiB (teacher) at batch 4, 128^2.
+        return nn.remat(cls) if self.config.get("remat", True) else cls
+
     def _block(self, lvl: int, name: str):
         c = self.config
-        return TransformerBlock(
+        return self._remat(TransformerBlock)(
             c.channel_heads[lvl],
             c.spatial_heads[lvl],
             c.spatial_dim_head,
@@ -129,7 +137,7 @@ class FusionNet(nn.Module):
 
     def _fusion(self, name: str):
         c = self.config
-        return AttentionFusion(
+        return self._remat(AttentionFusion)(
             c.fusion_channel_heads,
             c.fusion_spatial_heads,
             c.fusion_spatial_dim_head,
@@ -160,12 +168,13 @@ class FusionNet(nn.Module):
             c.ffn_expansion_factor,
             c.window_size,
             c.overlap_ratio,
+            c.get("remat", True),
             name=n,
         )
         fa = enc("encoder_A")(vis)
         fb = enc("encoder_B")(ir)
 
-        a4, b4 = CrossAttention(
+        a4, b4 = self._remat(CrossAttention)(
             c.spatial_heads[3],
             c.spatial_dim_head,
             c.fusion_channel_heads,

@@ -1,4 +1,7 @@
-"""Checkpoints: params-only weight files for inference and release.
+"""Checkpoints: orbax train-state checkpoints of a run; params-only weight files for release.
+
+A run keeps `<workdir>/checkpoints` (orbax CheckpointManager): the train state plus the grain
+iterator state per step, the best k steps by validation quality and the latest.
 
 A weight file is one msgpack blob {"format", "config", "meta", "params"}: the params of one
 network, the exact `config.model` that builds it (JSON) and free-form metadata (stage,
@@ -12,6 +15,7 @@ import hashlib
 import json
 import os
 import pathlib
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
@@ -21,6 +25,10 @@ from flax.traverse_util import flatten_dict
 
 from dtpf_jax import networks
 from dtpf_jax.data import atomic_write
+
+if TYPE_CHECKING:  # orbax and grain load lazily: fuse and load_model need neither
+    import grain
+    import orbax.checkpoint as ocp
 
 WEIGHTS_FORMAT = "dtpf_jax.params.v1"
 
@@ -91,3 +99,91 @@ def check_params(params, model_cfg: ml_collections.ConfigDict, where: str = "par
 
 def file_sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+# --- orbax train-state checkpoints of a run -------------------------------------------------
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _quality(metrics: dict) -> float:
+    return float(metrics["quality"])
+
+
+def train_manager(
+    workdir: str | os.PathLike, keep_best: int = 3, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """Manager of <workdir>/checkpoints keeping the best `keep_best` by quality and the latest.
+
+    Steps saved without metrics (periodic saves between validations) survive only while latest.
+    """
+    import orbax.checkpoint as ocp
+
+    keep = ocp.checkpoint_managers
+    policy = keep.AnyPreservationPolicy(
+        [
+            keep.LatestN(n=1),
+            keep.BestN(get_metric_fn=_quality, n=keep_best, keep_checkpoints_without_metrics=False),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        best_fn=_quality,  # for best_step(); preservation is the policy's alone
+        best_mode="max",
+        create=not read_only,
+        read_only=read_only,
+    )
+    # orbax needs absolute paths.
+    return ocp.CheckpointManager(pathlib.Path(workdir).resolve() / CHECKPOINT_DIR, options=options)
+
+
+def save_train_state(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state,
+    data_iter: grain.DatasetIterator | None = None,
+    quality: float | None = None,
+) -> None:
+    """Save the replicated train state (and the iterator position) at `step`, ranked by quality."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    # A host copy of the (replicated) state: orbax's device-array path spends seconds slicing
+    # replicas on its first save, a copy costs one transfer; restore gives jax.Arrays back.
+    host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
+    items = {"state": ocp.args.StandardSave(host)}
+    if data_iter is not None:
+        items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    metrics = None if quality is None else {"quality": float(quality)}
+    mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+
+
+def restore_train_state(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    abstract_state,
+    data_iter: grain.DatasetIterator | None = None,
+):
+    """The train state at `step`, shaped and sharded as `abstract_state` (ShapeDtypeStructs).
+
+    With `data_iter`, the iterator is also moved to where it stood at that step.
+    """
+    import grain
+    import orbax.checkpoint as ocp
+
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+        items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def select_step(mngr: ocp.CheckpointManager, step: int = 0) -> int:
+    """`step` if saved; 0 = the best by validation quality (the latest if none was validated)."""
+    steps = mngr.all_steps()
+    if not steps:
+        raise WeightsError(f"{mngr.directory}: no checkpoints; train first or check the workdir")
+    if step:
+        if step not in steps:
+            raise WeightsError(f"{mngr.directory}: no step {step}; saved steps: {sorted(steps)}")
+        return step
+    return mngr.best_step() or mngr.latest_step()

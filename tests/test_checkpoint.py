@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from dtpf_jax import checkpoint
+from dtpf_jax import checkpoint, parallel
 
 
 def test_params_round_trip_with_config_and_meta(tmp_path, tiny_student):
@@ -30,3 +30,29 @@ def test_wrong_network_missing_and_garbage_files(tmp_path, tiny_student):
     (tmp_path / "junk.msgpack").write_bytes(b"\x00garbage")
     with pytest.raises(checkpoint.WeightsError, match="cannot read"):
         checkpoint.load_params(tmp_path / "junk.msgpack")
+
+
+def test_train_manager_keeps_the_best_k_by_quality_and_the_latest(tmp_path):
+    mesh = parallel.make_mesh()
+    state = {
+        "step": parallel.replicate(np.int32(0), mesh),
+        "w": parallel.replicate(np.ones(3), mesh),
+    }
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    mngr = checkpoint.train_manager(tmp_path, keep_best=2)
+    qualities = {1: 0.5, 2: None, 3: 0.9, 4: 0.7, 5: None, 6: 0.6, 7: None}
+    for step, q in qualities.items():
+        state = {"step": parallel.replicate(np.int32(step), mesh), "w": state["w"]}
+        checkpoint.save_train_state(mngr, step, state, quality=q)
+    mngr.wait_until_finished()
+    assert sorted(mngr.all_steps()) == [3, 4, 7]  # best two by quality + the latest
+    assert checkpoint.select_step(mngr) == 3 and checkpoint.select_step(mngr, 7) == 7
+    got = checkpoint.restore_train_state(mngr, 4, abstract)
+    assert int(got["step"]) == 4 and got["w"].sharding == state["w"].sharding
+    with pytest.raises(checkpoint.WeightsError, match="no step 2"):
+        checkpoint.select_step(mngr, 2)
+    mngr.close()
+    with pytest.raises(checkpoint.WeightsError, match="no checkpoints"):
+        checkpoint.select_step(checkpoint.train_manager(tmp_path / "empty"))

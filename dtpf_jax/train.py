@@ -1,0 +1,411 @@
+"""Teacher and distillation training: data-parallel steps, validation, checkpoints, logging.
+
+  python -m dtpf_jax.train --config configs/teacher.py[:variants] [--workdir DIR] [--config.x=y]
+
+A thin absl main around `train_and_evaluate(config, workdir)`. The workdir (default
+runs/<config.name>) holds config.json, checkpoints/ (orbax: train state + data iterator, best k
+by validation quality + the latest) and tensorboard/; a rerun resumes from the latest step.
+Several hosts: start one process per host with --multihost, which calls
+jax.distributed.initialize() (cluster auto-detection: SLURM, Open MPI, Kubernetes, Cloud TPU).
+Text embeddings come from the cache file made beforehand (dtpf_jax.text); CLIP never runs here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging as std_logging
+import os
+import pathlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from jax import lax
+
+from dtpf_jax import checkpoint, data, losses, metrics, networks, parallel, text
+from dtpf_jax.infer import Fuser
+from dtpf_jax.report import NonFiniteLossError, Reporter
+
+State = dict[str, Any]
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Learning rate per step: one cosine decay, or the official per-iteration cosine."""
+    o = config.optimizer
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(o.lr, max(config.steps, 1), alpha=o.lr_min / o.lr)
+    if config.schedule == "official_cosine":
+        # CosineAnnealingLR(T_max) stepped every iteration and never reset: period 2*T_max.
+        t_max = config.official_t_max
+        return lambda n: o.lr_min + (o.lr - o.lr_min) * (1 + jnp.cos(jnp.pi * n / t_max)) / 2
+    raise ValueError(f"unknown schedule {config.schedule!r}; use 'cosine' or 'official_cosine'")
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    o, lr = config.optimizer, make_schedule(config)
+    if o.name == "adamw":
+        tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+    elif o.name == "sgd":
+        tx = optax.sgd(lr)
+    else:
+        raise ValueError(f"unknown optimizer {o.name!r}; use 'adamw' or 'sgd'")
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), tx) if config.grad_clip else tx
+
+
+def _abstract_features(model: networks.FusionNet) -> list[jax.ShapeDtypeStruct]:
+    """Shapes of the decoder features [dec4, dec3, dec2, dec1] at 64², computing nothing."""
+    c = model.config
+    vis = jax.ShapeDtypeStruct((1, 64, 64, c.in_ch_a), jnp.float32)
+    ir = jax.ShapeDtypeStruct((1, 64, 64, c.in_ch_b), jnp.float32)
+    txt = jax.ShapeDtypeStruct((1, c.text_dim), jnp.float32) if c.text_dim else None
+    params = jax.eval_shape(lambda: networks.init_params(model, jax.random.key(0)))
+    fn = lambda p, v, i, t: model.apply({"params": p}, v, i, t, return_features=True)
+    return jax.eval_shape(fn, params, vis, ir, txt)[1]
+
+
+def make_init(config: ml_collections.ConfigDict) -> Callable[[jax.Array], State]:
+    """Pure rng -> fresh train state {step, params: {net[, adapters]}, opt_state[, frozen]}."""
+    tx = make_optimizer(config)
+    model = networks.build_model(config.model)
+
+    def init(rng: jax.Array) -> State:
+        k_net, k_adapters = jax.random.split(rng)
+        params = {"net": networks.init_params(model, k_net)}
+        state = {"step": jnp.zeros((), jnp.int32)}
+        if config.stage == "distill":
+            teacher = networks.build_model(config.teacher_model)
+            feats = (_abstract_features(model), _abstract_features(teacher))
+            adapters = losses.init_adapters(k_adapters, *feats)
+            if losses.adapters_trainable(config.distill_form):
+                params["adapters"] = adapters
+            else:
+                state["frozen"] = {"adapters": adapters}  # saved with the student, never optimised
+        return state | {"params": params, "opt_state": tx.init(params)}
+
+    return init
+
+
+def init_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> State:
+    """A fresh train state from config.seed, replicated over the mesh."""
+    # Runs once: an unoptimised build (LLVM -O0) halves its compile time; values differ from
+    # an optimised build by float rounding at most.
+    init = jax.jit(
+        make_init(config),
+        out_shardings=parallel.replicated(mesh),
+        compiler_options={"xla_backend_optimization_level": 0},
+    )
+    return init(jax.random.key(config.seed))
+
+
+def abstract_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> State:
+    """Shapes, dtypes and (replicated) shardings of the train state: the orbax restore target."""
+    repl = parallel.replicated(mesh)
+    shapes = jax.eval_shape(make_init(config), jax.random.key(0))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+
+
+def _apply_gradients(state: State, grads, tx: optax.GradientTransformation) -> State:
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return state | {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+
+
+def _teacher_step(state: State, batch: dict, *, model, tx) -> tuple[State, dict]:
+    def loss_fn(params):
+        params = parallel.device_varying(params)
+        fused = model.apply({"params": params["net"]}, batch["vis"], batch["ir"], batch["text_emb"])
+        loss, terms = losses.fusion_loss(fused, batch["vis"], batch["ir"], batch["weights"])
+        return parallel.global_mean(loss), terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    out = {"loss": loss, "grad_norm": optax.tree.norm(grads), **parallel.global_mean(terms)}
+    return _apply_gradients(state, grads, tx), out
+
+
+def _distill_step(
+    state: State, teacher_params, batch: dict, *, student, teacher, tx, config
+) -> tuple[State, dict]:
+    vis, ir = batch["vis"], batch["ir"]
+    # The teacher is an input, never differentiated: its forward pass stays out of the VJP.
+    t_out, t_feats = teacher.apply(
+        {"params": lax.stop_gradient(teacher_params)},
+        vis,
+        ir,
+        batch["text_emb"],
+        return_features=True,
+    )
+
+    def loss_fn(params):
+        params = parallel.device_varying(params)
+        adapters = params["adapters"] if "adapters" in params else state["frozen"]["adapters"]
+        s_out, s_feats = student.apply({"params": params["net"]}, vis, ir, return_features=True)
+        total, terms = losses.distill_loss(
+            s_out,
+            s_feats,
+            t_out,
+            t_feats,
+            adapters,
+            vis,
+            ir,
+            table_default_weights=losses.default_weights(config.data.kind),
+            form=config.distill_form,
+            feature_weight=config.feature_weight,
+            result_weight=config.result_weight,
+        )
+        return parallel.global_mean(total), terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    terms = parallel.global_mean({k: v for k, v in terms.items() if k != "total"})
+    out = {"loss": loss, "grad_norm": optax.tree.norm(grads), **terms}
+    return _apply_gradients(state, grads, tx), out
+
+
+def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable:
+    """The jitted data-parallel step: teacher (state, batch), distill (state, teacher, batch).
+
+    Returns (new state, metrics); the state argument is donated, the teacher params are not.
+    """
+    tx = make_optimizer(config)
+    if config.stage == "teacher":
+        fn = functools.partial(_teacher_step, model=networks.build_model(config.model), tx=tx)
+        return parallel.data_parallel_step(fn, mesh, num_args=2)
+    if config.stage == "distill":
+        fn = functools.partial(
+            _distill_step,
+            student=networks.build_model(config.model),
+            teacher=networks.build_model(config.teacher_model),
+            tx=tx,
+            config=config,
+        )
+        return parallel.data_parallel_step(fn, mesh, num_args=3)
+    raise ValueError(f"unknown stage {config.stage!r}; use 'teacher' or 'distill'")
+
+
+def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config.json a run wrote into its workdir (JSON lists back to tuples)."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise checkpoint.WeightsError(f"{path}: not found; is {workdir} a training workdir?")
+    tuples = lambda d: {
+        k: tuples(v) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v
+        for k, v in d.items()
+    }
+    return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
+
+
+def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """Teacher params (replicated) from config.teacher_weights or config.teacher_workdir."""
+    if config.teacher_weights:
+        params, model_cfg, _ = checkpoint.load_params(config.teacher_weights)
+        params, source = parallel.replicate(params, mesh), config.teacher_weights
+    else:
+        tconfig = load_workdir_config(config.teacher_workdir)
+        model_cfg = tconfig.model
+        mngr = checkpoint.train_manager(config.teacher_workdir, read_only=True)
+        step = checkpoint.select_step(mngr, config.teacher_step)
+        state = checkpoint.restore_train_state(mngr, step, abstract_state(tconfig, mesh))
+        params, source = state["params"]["net"], f"{mngr.directory} step {step}"
+        mngr.close()
+    differ = sorted(
+        k
+        for k in set(model_cfg) | set(config.teacher_model)
+        if json.dumps(model_cfg.get(k)) != json.dumps(config.teacher_model.get(k))
+    )
+    if differ:
+        raise checkpoint.WeightsError(
+            f"teacher {source} was built with other model settings than config.teacher_model "
+            f"({', '.join(f'{k}={model_cfg.get(k)!r}' for k in differ)}); set "
+            "--config.teacher_model.<field> to match or point to the matching teacher"
+        )
+    logging.info("teacher params from %s", source)
+    return params
+
+
+def train_pairs(cfg: ml_collections.ConfigDict) -> list[data.Pair]:
+    """Training pairs minus every pair whose name is a validation pair's.
+
+    The same scene can sit in two training folders (16 of the 34 msrs/train frames are also in
+    msrs_128/train), so a split by position alone would leak validation scenes into training.
+    """
+    pairs = data.source_pairs(cfg, "train")
+    held_out = {p.name for p in data.source_pairs(cfg, "val")} if cfg.val else set()
+    kept = [p for p in pairs if p.name not in held_out]
+    if len(kept) < len(pairs):
+        dropped = sorted({f"{p.split}/{p.name}" for p in pairs if p.name in held_out})
+        shown = ", ".join(dropped[:8])
+        logging.info(
+            "left out %d training pairs named as validation pairs: %s", len(dropped), shown
+        )
+    return kept
+
+
+def make_train_iter(
+    cfg: ml_collections.ConfigDict,
+    pairs: list[data.Pair],
+    *,
+    global_batch: int,
+    seed: int,
+    mesh: jax.sharding.Mesh,
+) -> grain.DatasetIterator:
+    """data.make_train_iter over the given pairs (that one reads cfg.train whole)."""
+    n_proc, n_dev = jax.process_count(), len(mesh.local_devices)
+    if global_batch % (n_proc * n_dev):
+        raise ValueError(
+            f"global batch {global_batch} is not divisible by {n_proc} processes x {n_dev} devices"
+        )
+    data.check_pair_sizes(pairs, cfg.crop)
+    emb, weights = text.pair_priors(cfg, pairs)
+    records = [
+        {"a": p.a, "b": p.b, "text_emb": e, "weights": w}
+        for p, e, w in zip(pairs, emb, weights, strict=True)
+    ]
+    ds = grain.MapDataset.source(records).seed(seed).shuffle().repeat()
+    ds = (
+        ds[jax.process_index() :: n_proc]
+        .map(data.LoadPair())
+        .random_map(data.RandomCropFlip(cfg.crop))
+    )
+    it = ds.batch(global_batch // n_proc, drop_remainder=True).to_iter_dataset(
+        grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
+    )
+    if cfg.num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return iter(it.map(functools.partial(parallel.shard_batch, mesh=mesh)))
+
+
+def validate(
+    fuser: Fuser, params, val_ds: grain.MapDataset, config: ml_collections.ConfigDict
+) -> tuple[metrics.Scores, np.ndarray]:
+    """Mean quality metrics over the validation pairs and a vis | ir | fused image of the first."""
+    params = jax.tree.map(lambda x: x.addressable_data(0), params)  # one device, not N copies
+    scores, grid = [], None
+    for ex in data.iter_pairs(val_ds):
+        emb = ex["text_emb"][None] if fuser.text_dim else None
+        fused = fuser(params, ex["vis"], ex["ir"], emb, mode=config.val_mode)[0]
+        scores.append(
+            metrics.evaluate_float(
+                fused, ex["vis"], ex["ir"][..., 0], config.val_convention, metrics.QUALITY_METRICS
+            )
+        )
+        if grid is None:
+            grid = data.to_uint8(np.concatenate([ex["vis"], ex["ir"].repeat(3, -1), fused], 1))
+    return metrics.mean_scores(scores), grid
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Train config.stage in workdir, resuming from its latest checkpoint; the last metrics."""
+    workdir = pathlib.Path(workdir).resolve()
+    mesh = parallel.make_mesh()
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        data.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
+    logging.info(
+        "%s stage, %d devices, global batch %d, workdir %s",
+        config.stage,
+        mesh.size,
+        config.batch_size,
+        workdir,
+    )
+    frozen = (load_teacher(config, mesh),) if config.stage == "distill" else ()
+    step_fn = build_step(config, mesh)
+    pairs = train_pairs(config.data)
+    train_iter = make_train_iter(
+        config.data, pairs, global_batch=config.batch_size, seed=config.seed, mesh=mesh
+    )
+    val_ds = data.make_eval_pairs(config.data, "val") if config.eval_every else None
+    fuser = Fuser(config.model)
+    mngr = checkpoint.train_manager(workdir, config.keep_best)
+    start = mngr.latest_step() or 0
+    if start:
+        state = checkpoint.restore_train_state(
+            mngr, start, abstract_state(config, mesh), train_iter
+        )
+        logging.info("resumed from step %d of %s", start, mngr.directory)
+    else:
+        state = init_state(config, mesh)
+    if start >= config.steps:
+        logging.info("already at step %d of %d: nothing to train", start, config.steps)
+    reporter = Reporter(config, workdir, start, make_schedule(config), len(pairs))
+    last_good = f"step {start} in {mngr.directory}" if start else "none"
+    try:
+        for step in range(start + 1, config.steps + 1):
+            batch = next(train_iter)
+            with reporter.timed_dispatch(step):
+                state, step_metrics = step_fn(state, *frozen, batch)
+            # Metrics are read one step late so that the device is never idle waiting for us.
+            reporter.push(step, step_metrics, last_good)
+            evaluate = bool(config.eval_every) and (
+                step % config.eval_every == 0 or step == config.steps
+            )
+            periodic = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+            if evaluate or periodic or step == config.steps:
+                reporter.flush(last_good)  # a non-finite step must never be saved
+                with reporter.paused():
+                    quality = None
+                    if evaluate:
+                        scores, grid = validate(fuser, state["params"]["net"], val_ds, config)
+                        quality = metrics.quality(scores)
+                        reporter.validation(step, scores, quality, grid, len(val_ds))
+                    checkpoint.save_train_state(mngr, step, state, train_iter, quality)
+                last_good = f"step {step} in {mngr.directory}"
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+        reporter.close()
+    return reporter.last
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+    """train_and_evaluate for the CLI: known failures end with a one-line error, exit status 1."""
+    try:
+        train_and_evaluate(config, workdir)
+    except NonFiniteLossError as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+    except (data.DataError, checkpoint.WeightsError) as e:
+        sys.exit(f"error: {e}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if flags.FLAGS.multihost:
+        jax.distributed.initialize()
+    if flags.FLAGS.compile_cache and not jax.config.jax_compilation_cache_dir:
+        jax.config.update(
+            "jax_compilation_cache_dir", os.path.expanduser(flags.FLAGS.compile_cache)
+        )
+    # orbax reports every save at INFO through absl; keep its warnings, drop the chatter.
+    logging.get_absl_logger().addFilter(
+        lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
+    )
+    config = flags.FLAGS.config
+    run(config, flags.FLAGS.workdir or os.path.join("runs", config.name))
+
+
+def define_flags() -> None:
+    """The CLI's flags (defined on demand so that importing this module defines none)."""
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:variants]")
+    flags.mark_flag_as_required("config")
+    flags.DEFINE_string("workdir", None, "run folder (default runs/<config.name>); resumes")
+    flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (one process/host)")
+    flags.DEFINE_string(
+        "compile_cache",
+        "~/.cache/dtpf_jax/jax",
+        "persistent XLA compilation cache ('' = off; $JAX_COMPILATION_CACHE_DIR wins)",
+    )
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -4,18 +4,33 @@ Two modes: 'full' (the whole padded image at once) and 'tiles' (the official sli
 window: 128x128 tiles at stride 64, blended with a Gaussian of sigma 32). Padding and
 cropping happen on the host, so the jitted network only ever sees bucket shapes and a folder
 of mixed sizes compiles once per bucket.
+
+Library API (numpy / PIL in and out):
+
+    from dtpf_jax import load_model, fuse_images
+    fused = fuse_images(vis, ir)                        # shipped student (or untrained, warned)
+    model = load_model("teacher.msgpack")               # or 'student', or any weight file
+    fused = fuse_images(vis, ir, model, text="Event Type: Low Light ...", color="ycbcr")
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
-from collections.abc import Callable
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
+from dtpf_jax import color as colorspace
+from dtpf_jax import networks
 from dtpf_jax.networks import SIZE_MULTIPLE, build_model
 
 TILE = 128
@@ -147,3 +162,247 @@ def get_fuser(model_cfg: ml_collections.ConfigDict) -> Fuser:
 def make_fuse_fn(model_cfg: ml_collections.ConfigDict) -> Callable:
     """fuse(params, vis, ir, text_emb=None, mode='full') for batches of any H x W."""
     return get_fuser(model_cfg)
+
+
+# --- library API: load_model / fuse_images -----------------------------------------------------
+
+log = logging.getLogger("dtpf_jax")
+
+WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
+DEFAULT_STUDENT = "student_ivf.msgpack"  # the released IVF student (issue 7) goes here
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+UNTRAINED_WARNING = "no trained weights ship yet: output is from an untrained network"
+# Above this many input pixels mode 'auto' runs tiles: network memory then no longer grows
+# with the image (env DTPF_MAX_FULL_PIXELS overrides; 0 = never switch).
+MAX_FULL_PIXELS = 1 << 20
+MODES = ("auto", "full", "tiles")
+COLORS = ("rgb", "ycbcr", "gray")
+
+
+@dataclasses.dataclass
+class Model:
+    """Params and config of one fusion network and where they came from."""
+
+    params: Any
+    config: ml_collections.ConfigDict
+    source: str
+    meta: dict = dataclasses.field(default_factory=dict)
+    trained: bool = True
+
+    @property
+    def text_guided(self) -> bool:
+        return bool(self.config.text_dim)
+
+    @property
+    def fuser(self) -> Fuser:
+        return get_fuser(self.config)
+
+
+def random_params(model_cfg: ml_collections.ConfigDict, seed: int = 0):
+    """Untrained params in PyTorch's default init, drawn with numpy.
+
+    `networks.init_params` would compile the random initialisers of every tensor: about 90 s
+    for the official student on 2 CPU cores, versus about 2 s of tracing here.
+    """
+    model = build_model(model_cfg)
+    shapes = flatten_dict(jax.eval_shape(lambda: networks.init_params(model, jax.random.key(0))))
+    rng, out = np.random.default_rng(seed), {}
+    for path, leaf in sorted(shapes.items()):
+        name, shape = path[-1], tuple(leaf.shape)
+        kernel = shapes.get(path[:-1] + ("kernel",))
+        if name == "kernel":  # depthwise (3, 3, C) kernels have fan-in 9
+            out[path] = _uniform(rng, shape, 9 if len(shape) == 3 else math.prod(shape[:-1]))
+        elif name == "bias" and kernel is not None:
+            out[path] = _uniform(rng, shape, math.prod(kernel.shape[:-1]))
+        elif name in ("weight", "temperature"):  # LayerNorm scales, attention temperatures
+            out[path] = np.ones(shape, np.float32)
+        elif name.startswith("rel_"):
+            out[path] = (rng.standard_normal(shape) * shape[-1] ** -0.5).astype(np.float32)
+        else:
+            out[path] = np.zeros(shape, np.float32)
+    return unflatten_dict(out)
+
+
+def _uniform(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    bound = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+
+def load_model(weights: str | os.PathLike = "student", dtype: str | None = None) -> Model:
+    """'student' (the shipped IVF student, else an untrained one, warned), 'teacher' or a file.
+
+    No teacher ships (the official one was never released): pass its weight file instead.
+    `dtype` ('float32' | 'bfloat16') overrides the compute dtype stored in the file.
+    """
+    from dtpf_jax import checkpoint
+
+    if str(weights) == "student" and not (WEIGHTS_DIR / DEFAULT_STUDENT).is_file():
+        log.warning(UNTRAINED_WARNING)
+        cfg = networks.model_config("student")
+        params, source, meta, trained = random_params(cfg), "random init (student)", {}, False
+    elif str(weights) == "teacher":
+        raise checkpoint.WeightsError(
+            "teacher: no teacher weights ship with dtpf_jax (the official teacher was never "
+            "released); pass the path of a teacher weight file instead"
+        )
+    else:
+        path = WEIGHTS_DIR / DEFAULT_STUDENT if str(weights) == "student" else weights
+        params, cfg, meta = checkpoint.load_params(path)
+        source, trained = str(path), True
+    if dtype is not None:
+        cfg = ml_collections.ConfigDict(cfg.to_dict())
+        cfg.dtype = jnp.dtype(dtype).name
+    return Model(jax.device_put(params), cfg, source, meta, trained)
+
+
+_DEFAULT_MODEL: Model | None = None
+
+
+def default_model() -> Model:
+    """load_model('student'), loaded once per process."""
+    global _DEFAULT_MODEL
+    if _DEFAULT_MODEL is None:
+        _DEFAULT_MODEL = load_model("student")
+    return _DEFAULT_MODEL
+
+
+def max_full_pixels() -> int:
+    """The 'auto' mode threshold: $DTPF_MAX_FULL_PIXELS, else MAX_FULL_PIXELS."""
+    env = os.environ.get("DTPF_MAX_FULL_PIXELS", "").strip()
+    return int(env) if env else MAX_FULL_PIXELS
+
+
+def pick_mode(mode: str, height: int, width: int, threshold: int | None = None) -> str:
+    """'full' or 'tiles' for an image; 'auto' switches to tiles above the pixel threshold."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode != "auto":
+        return mode
+    limit = max_full_pixels() if threshold is None else threshold
+    return "tiles" if limit and height * width > limit else "full"
+
+
+def apply_color(fused: np.ndarray, vis: np.ndarray, color: str) -> np.ndarray:
+    """Network RGB (..., 3) -> 'rgb' as is, 'ycbcr' (fused luma + visible CbCr), 'gray' (...)."""
+    if color == "rgb":
+        return fused
+    if color == "gray":
+        return colorspace.rgb_to_gray(fused)[..., 0]
+    if color == "ycbcr":
+        y = colorspace.rgb_to_gray(fused)
+        cbcr = colorspace.rgb_to_ycbcr(np.asarray(vis, np.float32))[..., 1:]
+        return np.clip(colorspace.ycbcr_to_rgb(np.concatenate([y, cbcr], -1)), 0.0, 1.0)
+    raise ValueError(f"unknown color {color!r}; use one of {', '.join(COLORS)}")
+
+
+def text_embedding(model: Model, text, batch: int, clip: str = DEFAULT_CLIP):
+    """(batch, text_dim) float32 for a text-guided model; None for the text-free student.
+
+    `text`: a caption string, a list of `batch` strings, or CLIP embeddings (D,) / (B, D).
+    """
+    if not model.text_guided:
+        if text is not None:
+            raise ValueError("this model (the student) is text-free: pass no text")
+        return None
+    if text is None:
+        raise ValueError(
+            "this model is text-guided (a teacher): pass text='<caption>' or a "
+            f"({model.config.text_dim},) CLIP text embedding"
+        )
+    if isinstance(text, str) or (
+        isinstance(text, Sequence) and text and all(isinstance(t, str) for t in text)
+    ):
+        from dtpf_jax.text import embed_strings  # imports transformers: only when needed
+
+        strings = [text] if isinstance(text, str) else list(text)
+        emb = embed_strings(strings, clip)
+    else:
+        emb = np.asarray(text, np.float32)
+    emb = emb.reshape(-1, emb.shape[-1])
+    if emb.shape[-1] != model.config.text_dim or emb.shape[0] not in (1, batch):
+        raise ValueError(
+            f"text embedding of shape {emb.shape} does not fit a batch of {batch} "
+            f"and text_dim {model.config.text_dim}"
+        )
+    return np.broadcast_to(emb, (batch, emb.shape[-1])).astype(np.float32)
+
+
+def fuse_images(
+    vis,
+    ir,
+    model: Model | None = None,
+    text=None,
+    mode: str = "full",
+    color: str = "rgb",
+    clip: str = DEFAULT_CLIP,
+):
+    """Fuse one pair (PIL images, (H, W[, C]) arrays) or a batch ((B, H, W, C) arrays).
+
+    Visible / A: RGB, RGBA or gray; infrared / B: gray (RGB is turned into BT.601 luma).
+    Arrays may be uint8, uint16 or float in [0, 1]. Returns PIL for PIL input, float32 in
+    [0, 1] for float input, else uint8; (H, W, 3), or (H, W) for color='gray'.
+    """
+    from PIL import Image
+
+    model = model or default_model()
+    pil = isinstance(vis, Image.Image)
+    floats = not pil and np.issubdtype(np.asarray(vis).dtype, np.floating)
+    v, single = _as_images(vis, "RGB")
+    i, _ = _as_images(ir, "L")
+    if v.shape[:3] != i.shape[:3]:
+        raise ValueError(f"visible {v.shape[:3]} and infrared {i.shape[:3]} sizes differ")
+    emb = text_embedding(model, text, v.shape[0], clip)
+    run_mode = pick_mode(mode, v.shape[1], v.shape[2])
+    out = apply_color(model.fuser(model.params, v, i, emb, mode=run_mode), v, color)
+    out = out[0] if single else out
+    if floats:
+        return out.astype(np.float32)
+    out = np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(out) if pil else out
+
+
+def _as_images(x, mode: str) -> tuple[np.ndarray, bool]:
+    """PIL / array -> float32 (B, H, W, 3 | 1) in [0, 1], and whether it was a single image."""
+    from PIL import Image
+
+    if isinstance(x, Image.Image):
+        x = _pil_array(x, mode)
+    a = np.asarray(x)
+    if a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255.0
+    elif a.dtype == np.uint16:
+        a = a.astype(np.float32) / 65535.0
+    elif a.dtype == bool or np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float32)
+        if a.size and (a.min() < -1e-3 or a.max() > 1.0 + 1e-3):
+            raise ValueError("float images must lie in [0, 1]; divide 8-bit values by 255")
+    else:
+        raise ValueError(f"unsupported image dtype {a.dtype}; use uint8, uint16 or float")
+    single = a.ndim in (2, 3)
+    if a.ndim == 2:
+        a = a[..., None]
+    if single:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected (H, W[, C]) or (B, H, W, C) images, got shape {a.shape}")
+    a = a[..., :3] if a.shape[-1] == 4 else a  # drop alpha
+    if mode == "RGB":
+        return (np.repeat(a, 3, -1) if a.shape[-1] == 1 else a), single
+    return (colorspace.rgb_to_gray(a) if a.shape[-1] == 3 else a).astype(np.float32), single
+
+
+def _pil_array(img, mode: str) -> np.ndarray:
+    """PIL image -> uint8 'RGB' / 'L' array, 16-bit and palette/alpha images as data.read_image."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
+        img = Image.fromarray(np.clip(np.round(arr * 255.0 / peak), 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8))
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return np.asarray(img.convert(mode), dtype=np.uint8)

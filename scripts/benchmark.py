@@ -1,0 +1,323 @@
+"""Speed and size of the DTPF student and teacher, beside the official PyTorch figures.
+
+    python scripts/benchmark.py --quick                 # batch 1, fp32, 128² and 256x320, 3 runs
+    python scripts/benchmark.py --json bench.json       # the full grid (long on a 2-core CPU)
+    python scripts/benchmark.py --quick --malloc-tuned  # the same under DESIGN §11's malloc tuning
+
+For each model x size x batch x dtype: parameters, FLOPs as XLA reports them
+(`jax.jit(f).lower(...).compile().cost_analysis()`, all ops, not only conv/matmul), compile
+time (trace + lower + compile, no persistent cache), median latency of --runs calls after
+--warmup calls (per batch; a config stops early after --budget seconds of timed calls), XLA's
+planned memory (arguments + temporaries + outputs) and the measured peak (CPU: the process's
+RSS high-water mark, reset per config; GPU: the allocator's peak so far). Then images/s of
+the fuse CLI's loop (read, fuse, write PNG) on a folder, and a table like the paper's
+Table VII with the official PyTorch CPU latencies from DESIGN §11 (torch 2.13, 2 threads,
+batch 1, fp32) and the student/teacher latency ratio. Weights are random: speed does not
+depend on them. No CLIP runs: the teacher gets a random 512-d text embedding.
+
+glibc malloc: XLA:CPU maps fresh buffers every call. DESIGN §11 measured 8-19 % faster
+forwards with GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:
+glibc.malloc.arena_max=1:glibc.malloc.hugetlb=1 (one line). The header prints the setting in
+force; --malloc-tuned re-runs this script with it. Figures are comparable only at one setting.
+
+Runs unchanged on a GPU (no transformers, no training stack); the CLI figure needs grain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dtpf_jax import infer, networks
+
+MALLOC_TUNED = (
+    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:"
+    "glibc.malloc.arena_max=1:glibc.malloc.hugetlb=1"
+)
+# Official PyTorch nets on the project CPU (DESIGN §11): (model, H, W) -> ms, batch 1, fp32.
+OFFICIAL_MS = {
+    ("student", 128, 128): 962,
+    ("student", 256, 256): 4300,
+    ("student", 448, 640): 26500,
+    ("teacher", 128, 128): 2290,
+    ("teacher", 256, 256): 11800,
+    ("teacher", 448, 640): 67500,
+}
+DTYPE_LABEL = {"float32": "fp32", "bfloat16": "bf16"}
+# The official nets need H, W multiples of 64, so their nearest figure stands in for 480x640.
+OFFICIAL_SIZE = {(480, 640): (448, 640)}
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def _list(text: str, kind=str) -> list:
+    return [kind(t) for t in text.split(",") if t]
+
+
+def peak_reset() -> None:
+    """Reset the RSS high-water mark (Linux); on GPU the allocator peak cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_mb() -> float:
+    """Peak device memory (GPU) or peak RSS since peak_reset (CPU), in MB."""
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        return stats.get("peak_bytes_in_use", float("nan")) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_one(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
+    """Params, XLA FLOPs, compile time, median latency and memory of one configuration."""
+    cfg = networks.model_config(kind)
+    cfg.dtype = dtype
+    model = networks.build_model(cfg)
+    params = jax.device_put(infer.random_params(cfg))
+    rng = np.random.default_rng(0)
+    vis = jax.device_put(rng.random((batch, h, w, 3), np.float32))
+    ir = jax.device_put(rng.random((batch, h, w, 1), np.float32))
+    text = jax.device_put(rng.normal(size=(batch, cfg.text_dim)).astype(np.float32))
+    text = text if cfg.text_dim else None
+    hp, wp = infer.bucket_size(h), infer.bucket_size(w)
+
+    def fwd(p, v, i, t):
+        # As fuse does for any size: reflect-pad to the shape bucket, run, crop back.
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)), mode="reflect")
+        return model.apply({"params": p}, pad(v), pad(i), t)[:, :h, :w].astype(jnp.float32)
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(fwd).lower(params, vis, ir, text).compile()
+    compile_s = time.perf_counter() - t0
+    peak_reset()  # after compiling: XLA's compiler alone can take more memory than a call
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    mem = compiled.memory_analysis()
+    planned = (
+        mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+        if mem is not None
+        else float("nan")
+    )
+    for _ in range(args.warmup):
+        compiled(params, vis, ir, text).block_until_ready()
+    times, spent = [], 0.0
+    while len(times) < args.runs and (not times or spent < args.budget):
+        t0 = time.perf_counter()
+        compiled(params, vis, ir, text).block_until_ready()
+        times.append(time.perf_counter() - t0)
+        spent += times[-1]
+    return {
+        "model": kind,
+        "height": h,
+        "width": w,
+        "batch": batch,
+        "dtype": dtype,
+        "compile_s": round(compile_s, 3),
+        "median_ms": round(1000 * statistics.median(times), 2),
+        "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        "gflops": round(float(cost.get("flops", float("nan"))) / 1e9, 3),
+        "runs": len(times),
+        "padded": f"{hp}x{wp}",
+        "xla_mb": round(planned / 2**20, 1),
+        "peak_mb": round(peak_mb(), 1),
+    }
+
+
+def bench_cli(n: int, h: int, w: int, folder: str | None) -> dict:
+    """Images/s of the fuse CLI's loop (read, fuse, write) with the default student."""
+    from dtpf_jax import demo, fuse  # need the data stack (grain), unlike the rest of this script
+    from dtpf_jax.data import write_png_atomic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        if folder:
+            vis_dir, ir_dir = pathlib.Path(folder) / "vi", pathlib.Path(folder) / "ir"
+        else:
+            vis_dir, ir_dir = root / "vis", root / "ir"
+            vis_dir.mkdir(), ir_dir.mkdir()
+            vis, ir = demo.make_pair(h, w)
+            for k in range(n):
+                write_png_atomic(vis_dir / f"{k:04d}.png", vis)
+                write_png_atomic(ir_dir / f"{k:04d}.png", ir)
+        t0 = time.perf_counter()
+        jobs = fuse.plan_jobs(str(vis_dir), str(ir_dir), root / "out")
+        fuse.check_inputs(jobs)
+        model = infer.load_model("student")
+        fuse.prepare_out(root / "out")
+        stats = fuse.run(jobs, model, [None] * len(jobs), "auto", "rgb", 0, quiet=True)
+        wall = time.perf_counter() - t0
+    hh, ww = jobs[0].size
+    return {
+        "model": "student (fuse CLI)",
+        "height": hh,
+        "width": ww,
+        "batch": 1,
+        "dtype": "float32",
+        "compile_s": round(stats.compile_s, 3),
+        "median_ms": round(1000 / stats.images_per_s, 2),
+        "params": int(sum(np.size(x) for x in jax.tree.leaves(model.params))),
+        "gflops": None,
+        "images": stats.images,
+        "images_per_s": round(stats.images_per_s, 3),
+        "wall_s": round(wall, 2),
+    }
+
+
+def official_ms(rec: dict) -> float | None:
+    if rec["batch"] != 1 or rec["dtype"] != "float32":
+        return None
+    h, w = OFFICIAL_SIZE.get((rec["height"], rec["width"]), (rec["height"], rec["width"]))
+    return OFFICIAL_MS.get((rec["model"], h, w))
+
+
+def table(records: list[dict], cpu: bool = True) -> str:
+    """Table VII-style text: ours beside the official PyTorch CPU figures, then the ratios."""
+    cols = ("model", "input", "batch", "dtype", "params", "GFLOPs", "compile s", "median ms")
+    cols += ("ms/img", "XLA MB", "peak MB", "torch ms", "speed-up")
+    widths = (19, 9, 6, 6, 8, 8, 10, 10, 9, 8, 8, 10, 9)
+    fmt = lambda cells: "".join(
+        f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+        for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    )
+    lines = [fmt(cols), "-" * sum(widths)]
+    for r in records:
+        ref = official_ms(r) if cpu else None
+        star = "*" if ref and (r["height"], r["width"]) in OFFICIAL_SIZE else ""
+        gf = f"{r['gflops']:.1f}" if r.get("gflops") is not None else "-"
+        lines.append(
+            fmt(
+                (
+                    r["model"],
+                    f"{r['height']}x{r['width']}",
+                    r["batch"],
+                    DTYPE_LABEL.get(r["dtype"], r["dtype"]),
+                    f"{r['params'] / 1e6:.2f}M",
+                    gf,
+                    f"{r['compile_s']:.1f}",
+                    f"{r['median_ms']:.1f}",
+                    f"{r['median_ms'] / r['batch']:.1f}",
+                    f"{r['xla_mb']:.0f}" if "xla_mb" in r else "-",
+                    f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-",
+                    f"{ref}{star}" if ref else "-",
+                    f"{ref / r['median_ms']:.2f}x" if ref else "-",
+                )
+            )
+        )
+    key = lambda r: (r["model"], r["height"], r["width"], r["batch"], r["dtype"])
+    by_key, notes = {key(r): r for r in records}, []
+    for s in records:
+        t = by_key.get(("teacher", *key(s)[1:]))
+        if s["model"] == "student" and t:
+            ref_s, ref_t = official_ms(s), official_ms(t)
+            off = f" (official torch on CPU: {ref_s / ref_t:.2f})" if ref_s and ref_t else ""
+            notes.append(
+                f"student/teacher latency {s['height']}x{s['width']} batch {s['batch']} "
+                f"{s['dtype']}: {s['median_ms'] / t['median_ms']:.2f}{off}"
+            )
+    notes += [
+        "torch ms: official PyTorch on the project CPU (DESIGN §11: torch 2.13, 2 threads, "
+        "batch 1, fp32), shown on CPU only; * = its 448x640 figure (the official nets cannot "
+        "take 480x640; ours pads to 512x640 and crops, included in the time)",
+        "GFLOPs: XLA cost analysis of the whole forward (elementwise ops and padding included); "
+        "DESIGN §2 counts conv/matmul only: student 16.3, teacher 110.5 at 128x128",
+        "XLA MB: planned arguments + temporaries + outputs; peak MB: "
+        + ("process RSS high-water mark" if cpu else "allocator peak so far in this process"),
+    ]
+    return "\n".join(lines + [""] + notes)
+
+
+def header() -> str:
+    dev = jax.devices()[0]
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return (
+        f"device: {dev.device_kind} ({dev.platform}, {jax.device_count()} devices), "
+        f"{os.cpu_count()} CPUs, load {load}; jax {jax.__version__}, python "
+        f"{platform.python_version()}\nGLIBC_TUNABLES: "
+        f"{os.environ.get('GLIBC_TUNABLES') or 'unset (glibc default; --malloc-tuned for §11)'}"
+        f"; XLA_FLAGS: {os.environ.get('XLA_FLAGS') or 'unset'}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="batch 1, fp32, 128² and 256x320, 3 runs")
+    p.add_argument("--models", default="student,teacher")
+    p.add_argument("--sizes", default="128x128,480x640", help="HxW list")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--runs", type=int, default=10, help="timed calls per config (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
+    p.add_argument("--budget", type=float, default=120.0, help="max seconds of timed calls")
+    p.add_argument("--cli-images", type=int, default=8, help="0: skip the CLI figure")
+    p.add_argument("--cli-size", default="480x640", help="synthetic CLI image size HxW")
+    p.add_argument("--cli-folder", help="a split folder with vi/ and ir/ instead (e.g. msrs/test)")
+    p.add_argument("--json", metavar="FILE", help="also write the records as a JSON list")
+    p.add_argument("--malloc-tuned", action="store_true", help="re-run under §11's GLIBC_TUNABLES")
+    args = p.parse_args(argv)
+    if args.malloc_tuned and os.environ.get("GLIBC_TUNABLES") != MALLOC_TUNED:
+        # glibc reads its tunables at process start: only a fresh process gets them.
+        env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNED)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    if args.quick:
+        args.sizes, args.batches, args.dtypes, args.runs = "128x128,256x320", "1", "float32", 3
+        args.cli_images, args.cli_size = min(args.cli_images, 4), "256x320"
+    try:  # compile_s must be a real compile, not a persistent-cache hit
+        jax.config.update("jax_enable_compilation_cache", False)
+    except AttributeError:
+        jax.config.update("jax_compilation_cache_dir", None)
+    print(header(), flush=True)
+    records = []
+    for kind in _list(args.models):
+        for dtype in _list(args.dtypes):
+            for h, w in map(_size, _list(args.sizes)):
+                for batch in _list(args.batches, int):
+                    rec = bench_one(kind, h, w, batch, dtype, args)
+                    print(json.dumps(rec), flush=True)
+                    records.append(rec)
+    if args.cli_images:
+        try:
+            rec = bench_cli(args.cli_images, *_size(args.cli_size), args.cli_folder)
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+        except ImportError as e:
+            print(f"fuse CLI figure skipped: {e}")
+    env = os.environ.get("GLIBC_TUNABLES") or "default"
+    for r in records:
+        r.update(device=jax.devices()[0].device_kind, glibc_tunables=env)
+    print()
+    print(table(records, cpu=jax.devices()[0].platform == "cpu"))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+        print(f"records: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

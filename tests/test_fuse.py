@@ -1,0 +1,302 @@
+"""The fuse CLI: folders in, same-size PNGs out; every bad input is one `error:` line."""
+
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, tiny_model_config
+from PIL import Image
+
+from dtpf_jax import checkpoint, demo, fuse, infer
+
+H, W = 40, 52  # bucket 64x64: one compile for every case below
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory, tiny_student, tiny_teacher):
+    """Tiny student and teacher files, student params under a teacher config, garbage."""
+    d = tmp_path_factory.mktemp("weights")
+    checkpoint.save_params(d / "student.msgpack", tiny_student[1], tiny_student[0])
+    checkpoint.save_params(d / "teacher.msgpack", tiny_teacher[1], tiny_teacher[0])
+    checkpoint.save_params(d / "wrong.msgpack", tiny_student[1], tiny_model_config("teacher"))
+    (d / "garbage.msgpack").write_bytes(b"\x93not msgpack at all")
+    return d
+
+
+def _vis(h=H, w=W, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def _ir(h=H, w=W, seed=1):
+    return (np.random.default_rng(seed).random((h, w)) * 255).astype(np.uint8)
+
+
+def _save(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def _good(root, names=("a",)):
+    for n in names:
+        _save(root / "vis" / f"{n}.png", _vis())
+        _save(root / "ir" / f"{n}.png", _ir())
+
+
+# Each case: builder(root) -> extra argv, expected exit status, text expected on stderr.
+def case_unmatched(root):
+    _good(root, ("a", "b"))
+    (root / "ir" / "b.png").unlink()
+    return [], 2, "missing in"
+
+
+def case_size_mismatch(root):
+    _good(root, ("a", "b"))
+    _save(root / "ir" / "b.png", _ir(H, W - 2))
+    return [], 2, "differs from"
+
+
+def case_16bit(root):
+    _good(root)
+    ir16 = Image.fromarray(_ir().astype(np.uint16) * 257)
+    assert ir16.mode == "I;16"
+    ir16.save(root / "ir" / "a.png")
+    return [], 0, ""
+
+
+def case_palette(root):
+    _good(root)
+    Image.fromarray(_vis()).convert("P").save(root / "vis" / "a.png")
+    return [], 0, ""
+
+
+def case_rgba(root):
+    _good(root)
+    Image.fromarray(_vis()).convert("RGBA").save(root / "vis" / "a.png")
+    return [], 0, ""
+
+
+def case_gray_as_rgb(root):
+    _good(root)
+    ir = _ir()
+    _save(root / "ir" / "a.png", np.stack([ir] * 3, -1))  # IR stored as RGB with R=G=B
+    _save(root / "vis" / "a.png", _ir(seed=5))  # visible stored as gray
+    return [], 0, ""
+
+
+def case_corrupt(root):
+    _good(root, ("a", "b"))
+    data = (root / "vis" / "b.png").read_bytes()
+    (root / "vis" / "b.png").write_bytes(data[: len(data) // 2])
+    return [], 2, "corrupt"
+
+
+def case_not_an_image(root):
+    _good(root)
+    (root / "vis" / "b.png").write_text("hello, I am a text file")
+    _save(root / "ir" / "b.png", _ir())
+    return [], 2, "not an image"
+
+
+def case_empty_folder(root):
+    (root / "vis").mkdir()
+    (root / "ir").mkdir()
+    return [], 2, "no images"
+
+
+def case_missing_out(root):
+    _good(root)
+    return ["--out", str(root / "new" / "deeper")], 0, ""
+
+
+def case_unwritable_out(root):
+    _good(root)
+    (root / "file.txt").write_text("a regular file")
+    return ["--out", str(root / "file.txt" / "sub")], 2, "cannot write"
+
+
+def case_huge(root):
+    _save(root / "vis" / "a.png", _vis(100, 150))
+    _save(root / "ir" / "a.png", _ir(100, 150))
+    return ["--max-full-pixels", "10000", "--tile-batch", "2"], 0, ""
+
+
+def case_weights_missing(root):
+    _good(root)
+    return ["--weights", str(root / "nope.msgpack")], 2, "not found"
+
+
+def case_weights_wrong_network(root):
+    _good(root)
+    return ["--weights", "WEIGHTS/wrong.msgpack"], 2, "another network"
+
+
+def case_weights_garbage(root):
+    _good(root)
+    return ["--weights", "WEIGHTS/garbage.msgpack"], 2, "cannot read weights"
+
+
+def case_teacher_without_text(root):
+    _good(root)
+    return ["--weights", "WEIGHTS/teacher.msgpack"], 2, "needs a caption"
+
+
+def case_student_with_text(root):
+    _good(root)
+    return ["--text", "Event Type: Low Light"], 2, "text-free"
+
+
+def case_out_is_an_input(root):
+    _good(root)
+    return ["--out", str(root / "vis")], 2, "is an input folder"
+
+
+def case_no_teacher_ships(root):
+    _good(root)
+    return ["--weights", "teacher"], 2, "no teacher weights ship"
+
+
+CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
+
+
+def _digest(root: pathlib.Path) -> dict:
+    """sha256 of every input file (the vis and ir folders)."""
+    files = [p for d in ("vis", "ir") for p in sorted((root / d).rglob("*")) if p.is_file()]
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__[5:])
+def test_bad_input_matrix(case, tmp_path, weights, capsys):
+    extra, want_rc, want_err = case(tmp_path)
+    extra = [str(weights / a[8:]) if a.startswith("WEIGHTS/") else a for a in extra]
+    argv = ["--vis", str(tmp_path / "vis"), "--ir", str(tmp_path / "ir"), "--quiet"]
+    argv += ["--out", str(tmp_path / "out")] if "--out" not in extra else []
+    argv += [] if "--weights" in extra else ["--weights", str(weights / "student.msgpack")]
+    before = _digest(tmp_path)
+    rc = fuse.main(argv + extra)
+    captured = capsys.readouterr()
+    assert rc == want_rc, captured.err
+    assert _digest(tmp_path) == before, "an input was modified"
+    argv += extra
+    out = pathlib.Path(argv[argv.index("--out") + 1])  # only one --out is passed
+    if want_rc:
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+        assert want_err in lines[0]
+        assert "Traceback" not in captured.err
+        assert not (out.is_dir() and out != tmp_path / "vis" and any(out.iterdir()))
+        return
+    assert captured.err == ""
+    written = sorted(out.iterdir())
+    assert [p.name for p in written] == ["a.png"]  # no temp files left behind
+    with Image.open(written[0]) as img:
+        h, w = read_size(tmp_path / "vis")
+        assert img.mode == "RGB" and img.size == (w, h)
+    assert "done: 1 images" in captured.out
+    if case is case_huge:
+        assert "tiles mode" in captured.out and "1 in tiles" in captured.out
+
+
+def read_size(folder: pathlib.Path) -> tuple[int, int]:
+    with Image.open(next(folder.iterdir())) as img:
+        return img.size[1], img.size[0]
+
+
+def test_colors_files_and_html(tmp_path, weights, capsys):
+    _good(tmp_path)
+    vis, ir = tmp_path / "vis" / "a.png", tmp_path / "ir" / "a.png"
+    base = ["--vis", str(vis), "--ir", str(ir), "--weights", str(weights / "student.msgpack")]
+    outs = {}
+    for color in ("rgb", "ycbcr", "gray"):
+        args = base + ["--out", str(tmp_path / color), "--color", color, "--quiet"]
+        assert (
+            fuse.main(args + (["--html", str(tmp_path / "p.html")] if color == "rgb" else [])) == 0
+        )
+        with Image.open(tmp_path / color / "a.png") as img:  # named after the visible file
+            outs[color] = (img.mode, np.asarray(img))
+    assert outs["rgb"][0] == outs["ycbcr"][0] == "RGB" and outs["gray"][0] == "L"
+    assert outs["gray"][1].shape == (H, W)
+    rgb = outs["rgb"][1] / 255.0
+    from dtpf_jax import color
+
+    luma = color.rgb_to_gray(rgb)[..., 0] * 255
+    np.testing.assert_allclose(outs["gray"][1], luma, atol=1.01)  # both rounded to 8 bits
+    ycc = outs["ycbcr"][1]
+    kept = ((ycc > 0) & (ycc < 255)).all(-1)  # out-of-gamut pixels are clipped, chroma and all
+    chroma = color.rgb_to_ycbcr(ycc / 255.0)[kept][:, 1:]
+    want = color.rgb_to_ycbcr(_vis() / 255.0)[kept][:, 1:]
+    np.testing.assert_allclose(chroma, want, atol=0.01)  # 8-bit rounding
+    page = (tmp_path / "p.html").read_text()
+    assert page.count("data:image/png;base64") == 3
+    capsys.readouterr()
+
+
+def test_teacher_text_and_captions_change_the_output(tmp_path, weights, capsys):
+    from dtpf_jax import text
+
+    clip = text.make_random_clip(tmp_path / "clip", seed=0)
+    _good(tmp_path, ("a", "b"))
+    base = ["--vis", str(tmp_path / "vis"), "--ir", str(tmp_path / "ir"), "--quiet"]
+    base += ["--weights", str(weights / "teacher.msgpack"), "--clip", str(clip)]
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    (caps / "a.txt").write_text("Event Type: Low Light\nDescription: dark.\n")
+    (caps / "b.txt").write_text("Event Type: Overexposure\nDescription: bright.\n")
+    low = text.clip_string(text.parse_caption((caps / "a.txt").read_text()))[0]
+    runs = {
+        "low": ["--text", low],
+        "noise": ["--text", "Event Type: IR Noise"],
+        "caps": ["--captions", str(caps)],
+    }
+    got = {}
+    for key, extra in runs.items():
+        assert fuse.main(base + extra + ["--out", str(tmp_path / key)]) == 0, capsys.readouterr()
+        got[key] = [np.asarray(Image.open(tmp_path / key / f"{n}.png")) for n in "ab"]
+    assert not np.array_equal(got["low"][0], got["noise"][0])  # the text reaches the network
+    assert np.array_equal(got["caps"][0], got["low"][0])  # a.txt is the same low-light record
+    (caps / "b.txt").unlink()
+    assert fuse.main(base + ["--captions", str(caps), "--out", str(tmp_path / "x")]) == 2
+    assert "no caption file for 1 pairs (b)" in capsys.readouterr().err
+    assert fuse.main(base + ["--text", "x", "--clip", str(tmp_path / "no_clip"), "--out", "y"]) == 2
+    assert "cannot load CLIP" in capsys.readouterr().err
+
+
+def test_untrained_default_student_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(infer, "WEIGHTS_DIR", pathlib.Path("/nonexistent"))
+    model = infer.load_model("student")
+    assert not model.trained and infer.UNTRAINED_WARNING in caplog.text
+    assert model.config.dim == 16  # the official student, randomly initialised
+
+
+def _run(args, cwd, **env):
+    return subprocess.run(
+        [sys.executable, "-m", "dtpf_jax.fuse", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        timeout=600,
+    )
+
+
+def test_bad_input_in_a_fresh_process_is_one_line(tmp_path):
+    r = _run(["--vis", "nope", "--ir", "nope", "--out", "o"], tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: nope: no such file") and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_arguments_runs_the_builtin_demo(tmp_path):
+    """The README's main command on a fresh folder: demo pair, fused PNG and an HTML page."""
+    r = _run([], tmp_path, DTPF_JAX_CACHE=str(REPO / ".cache" / "jax"))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and infer.UNTRAINED_WARNING in r.stderr
+    folder = tmp_path / fuse.DEMO_DIR
+    with Image.open(folder / "fused" / "street.png") as img:
+        assert img.mode == "RGB" and img.size == demo.DEMO_SIZE[::-1]
+    assert (folder / "index.html").read_text().count("data:image/png;base64") == 3
+    assert "done: 1 images" in r.stdout and str(folder / "fused") in r.stdout

@@ -1,16 +1,22 @@
 """Params-only weight file of a trained network from its workdir (best checkpoint by default).
 
-python -m dtpf_jax.export runs/distill student.msgpack [--step N]
+python -m dtpf_jax.export runs/distill student.msgpack [--step N] [--record student.json]
+
+`--record` also writes a JSON record beside it: sha256, size, the exact model config and where
+the params come from (stage, step, validation quality, run name), as shipped weights carry.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pathlib
 import sys
 from collections.abc import Sequence
 
 from dtpf_jax import checkpoint, parallel, train
+from dtpf_jax.data import atomic_write
 
 
 def restore_network(workdir: str | os.PathLike, step: int = 0):
@@ -34,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("workdir", help="training workdir (holds config.json and checkpoints/)")
     parser.add_argument("out", help="weight file to write (msgpack)")
     parser.add_argument("--step", type=int, default=0, help="checkpoint step (default: best)")
+    parser.add_argument("--record", default="", help="also write this JSON record of the file")
     args = parser.parse_args(argv)
     try:
         params, model_cfg, meta = restore_network(args.workdir, args.step)
@@ -41,6 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sha = checkpoint.save_params(args.out, params, model_cfg, meta)
+    if args.record:
+        record = {
+            "file": pathlib.Path(args.out).name,
+            "sha256": sha,
+            "bytes": pathlib.Path(args.out).stat().st_size,
+            **meta,
+            "config": model_cfg.to_dict(),
+        }
+        atomic_write(args.record, json.dumps(record, indent=2, default=list) + "\n")
     quality = "n/a" if meta["quality"] is None else f"{meta['quality']:.4f}"
     print(
         f"{args.out}: {meta['stage']} network of step {meta['step']} (quality {quality}), "

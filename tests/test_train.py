@@ -6,7 +6,9 @@ per session and compiled two at a time; the resume and non-finite tests reuse th
 """
 
 import concurrent.futures
+import hashlib
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -385,7 +387,11 @@ def test_smoke_configs_through_the_cli_then_export(tmp_path, shared_data):
             assert tag in events, tag
         assert checkpoint.train_manager(w, read_only=True).all_steps() == [2, 4]
     out = tmp_path / "student.msgpack"
-    assert export.main([str(students["ivf"]), str(out)]) == 0
+    record = tmp_path / "student.json"
+    assert export.main([str(students["ivf"]), str(out), "--record", str(record)]) == 0
     params, model_cfg, meta = checkpoint.load_params(out)
     assert model_cfg.dim == 8 and model_cfg.text_dim == 0
     assert meta["stage"] == "distill" and meta["step"] == 4 and 0 < meta["quality"] < 2
+    rec = json.loads(record.read_text())
+    assert rec["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert rec["step"] == 4 and rec["config"]["dim"] == 8 and rec["bytes"] == out.stat().st_size

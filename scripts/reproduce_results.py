@@ -1,0 +1,189 @@
+"""Fuse the test splits with every method and score them: the tables of RESULTS.md.
+
+  python scripts/reproduce_results.py --data ../shared/data --out results \
+      --student dtpf_jax/weights/student_ivf.msgpack \
+      --teacher teacher_ivf.msgpack --captions captions
+
+Methods (rows): `student` (a weight file, text-free), `teacher` (a text-guided weight file fed
+each pair's caption embedding from the `--captions` cache), `teacher_notext` (the same teacher
+with an all-zero text embedding: the paper's text ablation), and two baselines computed here,
+`max` = max(vis_gray, ir) and `mean` = (vis_gray + ir) / 2 (BT.601 gray of the visible / A image).
+A method whose weights are not given is left out. Splits: folders under --data holding a
+vi/ir or ct|pet|spect + mri layout; `REL:N` takes the first N pairs by name (linked into
+<out>/subsets/), for the teacher rows that a CPU cannot afford on a whole split. The teacher
+rows appear only on --teacher-splits and where the teacher's kind matches.
+
+Fused images land in <out>/fused/<split>/<method>/<name>.png (existing files are reused, so an
+interrupted run resumes); per-image CSVs in <out>/csv/; the markdown tables, in the paper's
+columns, under both metric conventions (`dtpf_table`: as DTPF's test.py, comparable with the
+paper; `clean`: the textbook definitions on gray images) in <out>/tables.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from dtpf_jax import color, data, evaluate, infer, text
+
+IVF_SPLITS = ("msrs/test", "roadscene", "tno", "m3fd")
+MED_SPLITS = ("harvard/pet_mri/test", "harvard/spect_mri/test", "harvard/ct_mri/test")
+IVF_COLUMNS = ("EN", "MI", "SF", "VIF", "Qabf")
+MED_COLUMNS = ("EN", "MI", "SF", "VIF", "Qabf", "SSIM")
+CONVENTIONS = ("dtpf_table", "clean")
+
+log = logging.getLogger("reproduce_results")
+
+
+def baseline(vis: np.ndarray, ir: np.ndarray, how: str) -> np.ndarray:
+    """uint8 gray max or mean of the visible gray (BT.601) and the infrared image."""
+    g = np.asarray(color.rgb_to_gray(vis.astype(np.float32) / 255.0)) * 255.0
+    g = g[..., 0] if g.ndim == 3 else g
+    i = ir.astype(np.float32)
+    out = np.maximum(g, i) if how == "max" else (g + i) / 2.0
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def teacher_embeddings(args, kind: str, root: pathlib.Path, pairs: list[data.Pair]) -> np.ndarray:
+    cfg = data.default_config(kind)
+    cfg.root, cfg.captions, cfg.text_mode = str(root), str(args.captions), args.text_mode
+    return text.pair_priors(cfg, pairs)[0]
+
+
+def resolve_split(args, spec: str) -> tuple[data.Split, list[data.Pair], str] | None:
+    """(split, its pairs, a folder-safe name) of `REL` or `REL:N` (first N pairs by name)."""
+    rel, _, n = spec.partition(":")
+    split = data.split_of(args.data / rel)
+    if split is None:
+        return None
+    pairs = data.split_pairs(split, args.data)
+    if not n:
+        return split, pairs, rel
+    pairs = pairs[: int(n)]
+    sub = args.out / "subsets" / f"{rel.replace('/', '_')}_first{n}"
+    for src, role in ((split.a_dir, "a"), (split.b_dir, "b")):
+        folder = sub / src.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in pairs:
+            path = pathlib.Path(p.a if role == "a" else p.b)
+            link = folder / path.name
+            if not link.exists():
+                link.symlink_to(path.resolve())
+    return (
+        data.Split(sub, sub / split.a_dir.name, sub / split.b_dir.name, split.kind),
+        pairs,
+        (f"{rel}:{n}"),
+    )
+
+
+def fuse_split(args, split: data.Split, pairs, rel: str, models: dict, out: pathlib.Path):
+    methods = []
+    for method, model in models.items():
+        if method in ("teacher", "teacher_notext") and (
+            split.kind != args.teacher_kind or rel not in args.teacher_splits
+        ):
+            continue
+        folder = out / "fused" / rel.replace(":", "_first") / method
+        folder.mkdir(parents=True, exist_ok=True)
+        todo = [p for p in pairs if not (folder / f"{p.name}.png").is_file()]
+        emb = None
+        if todo and method == "teacher":
+            emb = teacher_embeddings(args, split.kind, args.data, todo)
+        t0 = time.perf_counter()
+        for k, p in enumerate(todo):
+            vis, ir = data.read_image(p.a, "RGB"), data.read_image(p.b, "L")
+            if method in ("max", "mean"):
+                fused = baseline(vis, ir, method)
+            else:
+                t = None
+                if method == "teacher":
+                    t = emb[k]
+                elif method == "teacher_notext":
+                    t = np.zeros((model.config.text_dim,), np.float32)
+                fused = infer.fuse_images(vis, ir, model, text=t, mode=args.mode)
+            data.write_png_atomic(folder / f"{p.name}.png", fused)
+        if todo:
+            log.info(
+                "%s %s: fused %d pairs in %.1f s", rel, method, len(todo), time.perf_counter() - t0
+            )
+        methods.append(method)
+    return methods
+
+
+def table(ev: evaluate.Evaluation, columns: tuple[str, ...]) -> str:
+    means = ev.means()
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for m in ev.methods:
+        lines.append(f"| {m} | " + " | ".join(f"{means[m][c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=pathlib.Path, default=data.default_config().root)
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"))
+    p.add_argument("--student", default="", help="student weight file ('' = leave out)")
+    p.add_argument("--student-med", default="", help="medical student weight file (optional)")
+    p.add_argument("--teacher", default="", help="teacher weight file ('' = leave out)")
+    p.add_argument("--teacher-kind", default="ivf", choices=("ivf", "medical"))
+    p.add_argument("--captions", default="", help="caption tree with its CLIP cache (teacher)")
+    p.add_argument("--text-mode", default="template", choices=("template", "full"))
+    p.add_argument("--splits", nargs="*", default=list(IVF_SPLITS + MED_SPLITS))
+    p.add_argument(
+        "--teacher-splits",
+        nargs="*",
+        default=["msrs/test:6", "tno"],
+        help="splits (as given in --splits) that also get the teacher rows",
+    )
+    p.add_argument("--mode", default="auto", choices=("auto", "full", "tiles"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.teacher and not args.captions:
+        p.error("--teacher needs --captions (the caption tree and its CLIP embedding cache)")
+
+    base_models: dict = {}
+    if args.student:
+        base_models["student"] = infer.load_model(args.student)
+    if args.teacher:
+        base_models["teacher"] = base_models["teacher_notext"] = infer.load_model(args.teacher)
+    med_student = infer.load_model(args.student_med) if args.student_med else None
+
+    sections = {c: [] for c in CONVENTIONS}
+    for spec in args.splits:
+        found = resolve_split(args, spec)
+        if found is None:
+            print(f"{args.data / spec}: no vi/ir or A/mri layout; skipped", file=sys.stderr)
+            continue
+        split, pairs, rel = found
+        models = dict(base_models)
+        if split.kind == "medical" and med_student is not None:
+            models["student"] = med_student
+        models["max"] = models["mean"] = None
+        methods = fuse_split(args, split, pairs, rel, models, args.out)
+        columns = MED_COLUMNS if split.kind == "medical" else IVF_COLUMNS
+        folders = [args.out / "fused" / rel.replace(":", "_first") / m for m in methods]
+        for conv in CONVENTIONS:
+            ev = evaluate.evaluate_folders(folders, split.a_dir, split.b_dir, conv)
+            csv = args.out / "csv" / f"{rel.replace('/', '_').replace(':', '_first')}_{conv}.csv"
+            csv.parent.mkdir(parents=True, exist_ok=True)
+            evaluate.write_csv(csv, ev)
+            n = len(ev.pairs)
+            sections[conv].append(f"### {rel} ({n} pairs)\n\n{table(ev, columns)}\n")
+            if conv == "dtpf_table":
+                print(f"\n{rel} ({conv}, {n} pairs)\n{table(ev, columns)}", flush=True)
+    md = []
+    for conv in CONVENTIONS:
+        md.append(f"## Convention `{conv}`\n")
+        md.extend(sections[conv])
+    (args.out / "tables.md").write_text("\n".join(md))
+    print(f"\nwrote {args.out / 'tables.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

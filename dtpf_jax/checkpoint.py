@@ -37,16 +37,29 @@ class WeightsError(ValueError):
     """A weight file that is missing, unreadable or of another network."""
 
 
+STORAGE_DTYPES = ("float32", "float16")
+
+
 def save_params(
-    path: str | os.PathLike, params, model_cfg: ml_collections.ConfigDict, meta: dict | None = None
+    path: str | os.PathLike,
+    params,
+    model_cfg: ml_collections.ConfigDict,
+    meta: dict | None = None,
+    dtype: str = "float32",
 ) -> str:
-    """Write a params-only weight file atomically; returns its sha256."""
+    """Write a params-only weight file atomically; returns its sha256.
+
+    `dtype='float16'` halves the file (the shipped student: 8.7 MB instead of 17.5 MB);
+    loading always gives float32 params.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype must be one of {STORAGE_DTYPES}, not {dtype!r}")
     blob = serialization.msgpack_serialize(
         {
             "format": WEIGHTS_FORMAT,
             "config": model_cfg.to_json(),
             "meta": json.dumps(meta or {}),
-            "params": jax.tree.map(lambda x: np.asarray(x, np.float32), params),
+            "params": jax.tree.map(lambda x: np.asarray(x, np.float32).astype(dtype), params),
         }
     )
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +81,7 @@ def load_params(path: str | os.PathLike):
             raise ValueError("not a dtpf_jax weight file")
         cfg = networks.model_config_from_json(blob["config"])
         meta = json.loads(blob.get("meta") or "{}")
-        params = blob["params"]
+        params = jax.tree.map(lambda x: np.asarray(x, np.float32), blob["params"])
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise WeightsError(
             f"{path}: cannot read weights ({e}); pass a file written by "

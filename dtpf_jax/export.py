@@ -41,13 +41,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", help="weight file to write (msgpack)")
     parser.add_argument("--step", type=int, default=0, help="checkpoint step (default: best)")
     parser.add_argument("--record", default="", help="also write this JSON record of the file")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=checkpoint.STORAGE_DTYPES,
+        help="storage precision of the file (float16 halves it; loading gives float32)",
+    )
     args = parser.parse_args(argv)
     try:
         params, model_cfg, meta = restore_network(args.workdir, args.step)
     except checkpoint.WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sha = checkpoint.save_params(args.out, params, model_cfg, meta)
+    meta["storage_dtype"] = args.dtype
+    sha = checkpoint.save_params(args.out, params, model_cfg, meta, dtype=args.dtype)
     if args.record:
         record = {
             "file": pathlib.Path(args.out).name,

@@ -17,6 +17,20 @@ def test_params_round_trip_with_config_and_meta(tmp_path, tiny_student):
     assert not list(path.parent.glob(".*tmp"))  # no temp file left behind
 
 
+def test_float16_storage_halves_the_file_and_loads_as_float32(tmp_path, tiny_student):
+    cfg, params = tiny_student
+    full, half = tmp_path / "f32.msgpack", tmp_path / "f16.msgpack"
+    checkpoint.save_params(full, params, cfg)
+    checkpoint.save_params(half, params, cfg, dtype="float16")
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    got = checkpoint.load_params(half)[0]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params), strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, np.asarray(b), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="storage dtype"):
+        checkpoint.save_params(tmp_path / "x.msgpack", params, cfg, dtype="int8")
+
+
 def test_wrong_network_missing_and_garbage_files(tmp_path, tiny_student):
     cfg, params = tiny_student
     other = cfg.copy_and_resolve_references()

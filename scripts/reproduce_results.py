@@ -4,9 +4,10 @@
       --student dtpf_jax/weights/student_ivf.msgpack \
       --teacher teacher_ivf.msgpack --captions captions
 
-Methods (rows): `student` (a weight file, text-free), `teacher` (a text-guided weight file fed
-each pair's caption embedding from the `--captions` cache), `teacher_notext` (the same teacher
-with an all-zero text embedding: the paper's text ablation), and two baselines computed here,
+Methods (rows): `student` (a weight file, text-free; `student_tiles`: the same network under
+the official sliding-window test protocol, on --tiles-splits), `teacher` (a text-guided weight
+file fed each pair's caption embedding from the `--captions` cache), `teacher_notext` (the same
+teacher with an all-zero text embedding: the paper's text ablation), and two baselines,
 `max` = max(vis_gray, ir) and `mean` = (vis_gray + ir) / 2 (BT.601 gray of the visible / A image).
 A method whose weights are not given is left out. Splits: folders under --data holding a
 vi/ir or ct|pet|spect + mri layout; `REL:N` takes the first N pairs by name (linked into
@@ -88,6 +89,8 @@ def fuse_split(args, split: data.Split, pairs, rel: str, models: dict, out: path
             split.kind != args.teacher_kind or rel not in args.teacher_splits
         ):
             continue
+        if method == "student_tiles" and rel not in args.tiles_splits:
+            continue
         folder = out / "fused" / rel.replace(":", "_first") / method
         folder.mkdir(parents=True, exist_ok=True)
         todo = [p for p in pairs if not (folder / f"{p.name}.png").is_file()]
@@ -105,7 +108,8 @@ def fuse_split(args, split: data.Split, pairs, rel: str, models: dict, out: path
                     t = emb[k]
                 elif method == "teacher_notext":
                     t = np.zeros((model.config.text_dim,), np.float32)
-                fused = infer.fuse_images(vis, ir, model, text=t, mode=args.mode)
+                mode = "tiles" if method == "student_tiles" else args.mode
+                fused = infer.fuse_images(vis, ir, model, text=t, mode=mode)
             data.write_png_atomic(folder / f"{p.name}.png", fused)
         if todo:
             log.info(
@@ -141,6 +145,13 @@ def main(argv=None) -> int:
         help="splits (as given in --splits) that also get the teacher rows",
     )
     p.add_argument("--mode", default="auto", choices=("auto", "full", "tiles"))
+    p.add_argument(
+        "--tiles-splits",
+        nargs="*",
+        default=["msrs/test"],
+        help="splits that also get a `student_tiles` row: the official test protocol (128² "
+        "tiles, stride 64, Gaussian blending), about 4x the compute of one full pass",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.teacher and not args.captions:
@@ -148,7 +159,7 @@ def main(argv=None) -> int:
 
     base_models: dict = {}
     if args.student:
-        base_models["student"] = infer.load_model(args.student)
+        base_models["student"] = base_models["student_tiles"] = infer.load_model(args.student)
     if args.teacher:
         base_models["teacher"] = base_models["teacher_notext"] = infer.load_model(args.teacher)
     med_student = infer.load_model(args.student_med) if args.student_med else None
@@ -162,7 +173,7 @@ def main(argv=None) -> int:
         split, pairs, rel = found
         models = dict(base_models)
         if split.kind == "medical" and med_student is not None:
-            models["student"] = med_student
+            models["student"] = models["student_tiles"] = med_student
         models["max"] = models["mean"] = None
         methods = fuse_split(args, split, pairs, rel, models, args.out)
         columns = MED_COLUMNS if split.kind == "medical" else IVF_COLUMNS

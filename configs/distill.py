@@ -15,6 +15,8 @@ Variants after the colon, combinable (`:official,smoke`):
   official  the official code: teacher FiLM gamma*F+beta, SmoothL1 on L2-normalised features
             with frozen random adapters, per-iteration cosine of period 1000 to 1e-7; reads the
             teacher of configs/teacher.py:official (runs/teacher_official).
+  nodistill the student on the fusion loss alone, no teacher (the paper's no-distillation
+            ablation; with --config.init_weights=FILE, fine-tuning of a student file).
   smoke     tiny student and teacher, 64² crops, 4 steps on msrs_128, 2 validation pairs; reads
             runs/teacher_smoke. About 30 s on a 2-core CPU after compile. Result: it runs.
 
@@ -25,26 +27,26 @@ Expected result: validation quality (clean convention) rising towards the teache
 
 import ml_collections
 
+from dtpf_jax import config_lib
 from dtpf_jax.data import default_config as data_config
 from dtpf_jax.networks import model_config
 
-VARIANTS = {"official", "smoke"}
+VARIANTS = {"nodistill", "official", "smoke"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variants = set((arg or "").split(",")) - {""}
-    unknown = variants - VARIANTS
-    if unknown:
-        raise ValueError(f"unknown config variant(s) {sorted(unknown)}; use {sorted(VARIANTS)}")
+    variants = config_lib.parse_variants(arg, VARIANTS)
     config = ml_collections.ConfigDict()
     config.name = "_".join(["distill", *sorted(variants)])  # default workdir runs/<name>
-    config.stage = "distill"  # 'teacher' | 'distill': which step train.py runs
+    config.stage = "distill"  # 'teacher' | 'student' | 'distill': which step train.py runs
     config.model = model_config("student")
     config.teacher_model = model_config("teacher")  # must match the teacher read below
 
     config.teacher_workdir = "runs/" + "_".join(["teacher", *sorted(variants)])
     config.teacher_step = 0  # teacher checkpoint step; 0 = best by validation quality
     config.teacher_weights = ""  # params-only teacher file; overrides teacher_workdir if set
+
+    config.init_weights = ""  # params-only student file to start from (fresh optimizer)
 
     config.distill_form = "paper"  # 'paper': L1, learnable adapters | 'official': SmoothL1 on
     #   L2-normalised features, adapters frozen random (saved in the state, never optimised)
@@ -83,19 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.teacher_model.film_form = "official"
         config.distill_form = "official"
         config.schedule = "official_cosine"
+    if "nodistill" in variants:
+        config.stage = "student"
     if "smoke" in variants:
-        for m in (config.model, config.teacher_model):
-            m.dim = 8
-            m.num_blocks = (1, 1, 1, 1)
-            m.num_refinement_blocks = 1
-        config.data.train = ("msrs_128/train",)
-        config.data.val = config.data.train
-        config.data.val_split = (0.996, 1.0)
-        config.data.crop = 64
-        config.data.read_threads, config.data.prefetch = 2, 2
-        config.batch_size = 4
-        config.steps = 4
-        config.eval_every = 4
-        config.checkpoint_every = 2
-        config.log_every = 1
+        config_lib.apply_smoke(config, [config.model, config.teacher_model])
     return config

@@ -27,6 +27,7 @@ weights; real runs first write captions and their CLIP embedding cache:
 
 import ml_collections
 
+from dtpf_jax import config_lib
 from dtpf_jax.data import default_config as data_config
 from dtpf_jax.networks import model_config
 
@@ -34,14 +35,12 @@ VARIANTS = {"official", "smoke"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variants = set((arg or "").split(",")) - {""}
-    unknown = variants - VARIANTS
-    if unknown:
-        raise ValueError(f"unknown config variant(s) {sorted(unknown)}; use {sorted(VARIANTS)}")
+    variants = config_lib.parse_variants(arg, VARIANTS)
     config = ml_collections.ConfigDict()
     config.name = "_".join(["teacher", *sorted(variants)])  # default workdir runs/<name>
-    config.stage = "teacher"  # 'teacher' | 'distill': which step train.py runs
+    config.stage = "teacher"  # 'teacher' | 'student' | 'distill': which step train.py runs
     config.model = model_config("teacher")
+    config.init_weights = ""  # params-only teacher file to start from (fresh optimizer)
 
     # Data (dtpf_jax/data.py documents every field). Pairs whose name is in the validation set
     # are dropped from training: 16 of the 34 msrs/train scenes also lie in msrs_128/train.
@@ -81,17 +80,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.film_form = "official"
         config.schedule = "official_cosine"
     if "smoke" in variants:
-        config.model.dim = 8
-        config.model.num_blocks = (1, 1, 1, 1)
-        config.model.num_refinement_blocks = 1
-        config.data.train = ("msrs_128/train",)
-        config.data.val = config.data.train
-        config.data.val_split = (0.996, 1.0)  # 2 pairs
-        config.data.crop = 64
-        config.data.read_threads, config.data.prefetch = 2, 2
-        config.batch_size = 4
-        config.steps = 4
-        config.eval_every = 4
-        config.checkpoint_every = 2
-        config.log_every = 1
+        config_lib.apply_smoke(config, [config.model])
     return config

@@ -1,4 +1,4 @@
-"""Teacher and distillation training: data-parallel steps, validation, checkpoints, logging.
+"""Teacher, student and distillation training: data-parallel steps, validation, checkpoints.
 
   python -m dtpf_jax.train --config configs/teacher.py[:variants] [--workdir DIR] [--config.x=y]
 
@@ -8,6 +8,9 @@ by validation quality + the latest) and tensorboard/; a rerun resumes from the l
 Several hosts: start one process per host with --multihost, which calls
 jax.distributed.initialize() (cluster auto-detection: SLURM, Open MPI, Kubernetes, Cloud TPU).
 Text embeddings come from the cache file made beforehand (dtpf_jax.text); CLIP never runs here.
+Stages (config.stage): 'teacher' and 'student' train config.model on the fusion loss (the
+student ignores the text), 'distill' trains the student against a frozen teacher;
+config.init_weights starts a fresh run from a params-only weight file (fine-tuning).
 """
 
 from __future__ import annotations
@@ -174,7 +177,9 @@ def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Ca
     Returns (new state, metrics); the state argument is donated, the teacher params are not.
     """
     tx = make_optimizer(config)
-    if config.stage == "teacher":
+    if config.stage in ("teacher", "student"):
+        # 'student': the text-free student on the fusion loss alone (the no-distillation
+        # ablation, or fine-tuning); its network ignores the text embedding.
         fn = functools.partial(_teacher_step, model=networks.build_model(config.model), tx=tx)
         return parallel.data_parallel_step(fn, mesh, num_args=2)
     if config.stage == "distill":
@@ -186,7 +191,7 @@ def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Ca
             config=config,
         )
         return parallel.data_parallel_step(fn, mesh, num_args=3)
-    raise ValueError(f"unknown stage {config.stage!r}; use 'teacher' or 'distill'")
+    raise ValueError(f"unknown stage {config.stage!r}; use 'teacher', 'student' or 'distill'")
 
 
 def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -227,6 +232,31 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         )
     logging.info("teacher params from %s", source)
     return params
+
+
+def init_from_weights(state: State, config: ml_collections.ConfigDict, mesh) -> State:
+    """A fresh state whose network params come from the params-only file config.init_weights.
+
+    Fine-tuning: the optimizer state stays fresh and the step at 0. The file must hold the
+    network config.model describes.
+    """
+    params, model_cfg, _ = checkpoint.load_params(config.init_weights)
+    differ = sorted(
+        k
+        for k in set(model_cfg) | set(config.model)
+        if k != "dtype" and json.dumps(model_cfg.get(k)) != json.dumps(config.model.get(k))
+    )
+    if differ:
+        raise checkpoint.WeightsError(
+            f"{config.init_weights}: built with other model settings than config.model "
+            f"({', '.join(f'{k}={model_cfg.get(k)!r}' for k in differ)}); pass weights of this "
+            "network or set --config.model.<field> to match"
+        )
+    net = parallel.replicate(params, mesh)
+    if jax.tree.structure(net) != jax.tree.structure(state["params"]["net"]):
+        raise checkpoint.WeightsError(f"{config.init_weights}: its parameter tree differs")
+    logging.info("network params initialised from %s", config.init_weights)
+    return state | {"params": state["params"] | {"net": net}}
 
 
 def train_pairs(cfg: ml_collections.ConfigDict) -> list[data.Pair]:
@@ -331,6 +361,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         logging.info("resumed from step %d of %s", start, mngr.directory)
     else:
         state = init_state(config, mesh)
+        if config.get("init_weights"):
+            state = init_from_weights(state, config, mesh)
     if start >= config.steps:
         logging.info("already at step %d of %d: nothing to train", start, config.steps)
     reporter = Reporter(config, workdir, start, make_schedule(config), len(pairs))

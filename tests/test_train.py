@@ -246,18 +246,21 @@ def test_shared_msrs_validation_scene_is_not_trained_on(shared_data):
 def tiny_run(tmp_path, monkeypatch, programs):
     """A teacher smoke run on 8 synthetic pairs that reuses the session's compiled step.
 
-    Returns run(workdir, fault=None) -> (batch digests by step, error or None); fault(step,
-    batch) may raise or return a replacement batch.
+    Returns run(workdir, fault=None, init_weights="", initial=None) -> (batch digests by step,
+    error or None); fault(step, batch) may raise or return a replacement batch; initial replaces
+    the initial state.
     """
     _write_pairs(tmp_path / "data" / "d", [f"p{i}" for i in range(8)])
     cfg, state0, compiled = programs["teacher", "adamw", 4]
     cfg = cfg.copy_and_resolve_references()
     cfg.data.root, cfg.data.train, cfg.data.val = str(tmp_path / "data"), ("d",), ()
     cfg.eval_every, cfg.checkpoint_every = 0, 2
-    monkeypatch.setattr(train, "init_state", lambda c, mesh: parallel.replicate(state0, mesh))
 
-    def run(workdir, fault=None):
+    def run(workdir, fault=None, init_weights="", initial=None):
         seen = {}
+        cfg.init_weights = str(init_weights)
+        first = state0 if initial is None else initial
+        monkeypatch.setattr(train, "init_state", lambda c, mesh: parallel.replicate(first, mesh))
 
         def step(state, batch):
             n = int(state["step"]) + 1
@@ -296,6 +299,32 @@ def test_killed_run_resumes_with_the_same_batches_and_params(tmp_path, tiny_run)
     )
 
 
+def test_init_weights_starts_the_network_from_a_file_with_a_fresh_optimizer(
+    tmp_path, tiny_run, programs
+):
+    cfg, state0, _ = programs["teacher", "adamw", 4]
+    start = jax.tree.map(lambda x: x + np.float32(0.01), state0["params"]["net"])
+    weights = tmp_path / "start.msgpack"
+    checkpoint.save_params(weights, start, cfg.model)
+    want = {**state0, "params": {"net": start}}  # step 0 and the fresh optimizer state of state0
+    for name, kwargs in [("file", {"init_weights": weights}), ("ref", {"initial": want}),
+                         ("plain", {})]:  # fmt: skip
+        assert tiny_run(tmp_path / name, **kwargs)[1] is None
+    a, b, plain = (
+        _host(export.restore_network(tmp_path / n, 4)[0]) for n in ("file", "ref", "plain")
+    )
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+    assert not np.allclose(a["output"]["kernel"], plain["output"]["kernel"])
+    # A resumed run keeps its checkpoint: the file is read only for a fresh start.
+    assert tiny_run(tmp_path / "file", init_weights=tmp_path / "missing.msgpack")[1] is None
+
+    other = cfg.copy_and_resolve_references()
+    other.model.dim = 16
+    other.init_weights = str(weights)
+    with pytest.raises(checkpoint.WeightsError, match=r"start\.msgpack: built with other.*dim=8"):
+        train.init_from_weights(state0, other, parallel.make_mesh())
+
+
 def test_non_finite_loss_stops_naming_the_step_and_last_good_checkpoint(tmp_path, tiny_run):
     nan_at_3 = lambda n, b: {**b, "vis": b["vis"] * np.float32("nan")} if n == 3 else b
     _, err = tiny_run(tmp_path / "nan", fault=nan_at_3)
@@ -315,6 +344,17 @@ def test_cli_turns_a_non_finite_loss_into_a_nonzero_exit(monkeypatch):
     assert "at step 3" in str(e.value.code)  # a message, hence exit status 1
 
 
+def test_nodistill_stage_trains_the_student_alone_on_the_fusion_loss():
+    cfg = micro(load_config("distill", "nodistill,smoke"))
+    mesh = parallel.make_mesh()
+    state = jax.eval_shape(train.make_init(cfg), jax.random.key(0))
+    assert set(state["params"]) == {"net"} and "frozen" not in state  # no adapters, no teacher
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fixed_batch())
+    new, metrics = jax.eval_shape(train.build_step(cfg, mesh), state, batch)  # 2 args: no teacher
+    assert set(metrics) == {"loss", "grad_norm", *losses.WEIGHT_KEYS}
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+
+
 def test_config_variants_and_names():
     assert load_config("teacher", "official,smoke").name == "teacher_official_smoke"
     d = load_config("distill", "official")
@@ -331,6 +371,8 @@ def test_config_variants_and_names():
     )
     assert m.data.train == ("harvard/ct_mri/train",) and m.model.dim == 8
     assert load_config("teacher_med").data.train == ("harvard/pet_mri/train",)
+    nodistill = load_config("distill", "nodistill,smoke")
+    assert (nodistill.stage, nodistill.model.text_dim) == ("student", 0)
     with pytest.raises(ValueError, match="unknown config variant"):
         load_config("teacher", "fast")
 

@@ -301,25 +301,52 @@ class WindowAttention(nn.Module):
         q = q.reshape(b, nh, ws, nw, ws, nh_, dh).transpose(0, 1, 3, 5, 2, 4, 6)
         q = q.reshape(b, nh, nw, nh_, ws * ws, dh) * (dh**-0.5)
         k, v = (head_windows(t, nh_, ws, ows - ws) for t in (k, v))
-        logits = jnp.einsum("bxyhqd,bxyhkd->bxyhqk", q, k)
-        logits = logits + self._rel_pos_bias(q, ws, ows)
-        # Softmax with the normalisation deferred to the (q, d) output: dividing 64 x d values
-        # instead of 64 x 144 probabilities halves the attention time on CPU.
-        e = jnp.exp(logits - lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-        out = jnp.einsum("bxyhqk,bxyhkd->bxyhqd", e, v) / jnp.sum(e, axis=-1, keepdims=True)
-        out = out.reshape(b, nh, nw, nh_, ws, ws, dh).transpose(0, 1, 4, 2, 5, 3, 6)
-        return Conv1x1(c, self.bias, name="project_out")(out.reshape(b, h, w, inner))
-
-    def _rel_pos_bias(self, q, ws, ows):
-        dh = self.dim_head
         init = lambda key, shape: jax.random.normal(key, shape) * dh**-0.5
         rel_h = self.param("rel_height", init, (2 * ows - 1, dh)).astype(q.dtype)
         rel_w = self.param("rel_width", init, (2 * ows - 1, dh)).astype(q.dtype)
-        h_idx, w_idx = rel_pos_index(ws, ows)
-        rows = np.arange(ws * ws)[:, None]
-        lh = (q @ rel_h.T)[..., rows, h_idx]  # (..., q, ows)
-        lw = (q @ rel_w.T)[..., rows, w_idx]
-        return (lh[..., :, None] + lw[..., None, :]).reshape(*q.shape[:-1], ows * ows)
+        attend = functools.partial(_window_attend, rel_h=rel_h, rel_w=rel_w, ws=ws, ows=ows)
+        out = chunked_over_window_rows(attend, (q, k, v), ws * ws * nw)
+        out = out.reshape(b, nh, nw, nh_, ws, ws, dh).transpose(0, 1, 4, 2, 5, 3, 6)
+        return Conv1x1(c, self.bias, name="project_out")(out.reshape(b, h, w, inner))
+
+
+# Above this many query pixels per image, window attention runs a band of window rows at a
+# time: its (q, 144) logits then stay cache-sized (at 480x640 they are 350 MB per layer) and
+# large images cost per pixel what a 128² one does. Smaller inputs run in one piece.
+WINDOW_CHUNK_PIXELS = 16384
+
+
+def chunked_over_window_rows(fn, args, pixels_per_row: int, limit: int | None = None):
+    """fn(*args) on bands of window rows (axis 1 of every arg) when a row band is worth it.
+
+    The band is the largest divisor of the number of window rows that keeps a band at or
+    under `limit` (default WINDOW_CHUNK_PIXELS) query pixels per image; fn must act on each
+    window row independently, so the result is the same as one call.
+    """
+    limit = WINDOW_CHUNK_PIXELS if limit is None else limit
+    rows = args[0].shape[1]
+    if rows * pixels_per_row <= limit:
+        return fn(*args)
+    fits = [d for d in range(1, rows + 1) if rows % d == 0 and d * pixels_per_row <= limit]
+    band = max(fits, default=1)  # one row per band when even one row is over the limit
+    split = lambda t: jnp.moveaxis(t.reshape(t.shape[0], rows // band, band, *t.shape[2:]), 1, 0)
+    out = lax.map(lambda a: fn(*a), tuple(split(t) for t in args))
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape(out.shape[0], rows, *out.shape[3:])
+
+
+def _window_attend(q, k, v, *, rel_h, rel_w, ws: int, ows: int):
+    """Attention inside each window: q (..., 64, d), k, v (..., 144, d) -> (..., 64, d)."""
+    logits = jnp.einsum("bxyhqd,bxyhkd->bxyhqk", q, k)
+    h_idx, w_idx = rel_pos_index(ws, ows)
+    rows = np.arange(ws * ws)[:, None]
+    lh = (q @ rel_h.T)[..., rows, h_idx]  # (..., q, ows)
+    lw = (q @ rel_w.T)[..., rows, w_idx]
+    logits = logits + (lh[..., :, None] + lw[..., None, :]).reshape(*q.shape[:-1], ows * ows)
+    # Softmax with the normalisation deferred to the (q, d) output: dividing 64 x d values
+    # instead of 64 x 144 probabilities halves the attention time on CPU.
+    e = jnp.exp(logits - lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    return jnp.einsum("bxyhqk,bxyhkd->bxyhqd", e, v) / jnp.sum(e, axis=-1, keepdims=True)
 
 
 class FeedForward(nn.Module):

@@ -72,6 +72,39 @@ def test_window_attention_equals_naive_reference():
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
 
 
+def test_window_attention_by_row_bands_equals_one_piece_with_grads(monkeypatch):
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 40, 24, 6)), jnp.float32)
+    mod = blocks.WindowAttention(2, 4)
+    params = mod.init(jax.random.key(0), x)["params"]
+    loss = lambda p, u: jnp.sum(jnp.sin(mod.apply({"params": p}, u)))
+    calls = []
+    real = blocks.lax.map
+    monkeypatch.setattr(blocks.lax, "map", lambda f, xs: calls.append(len(xs[0])) or real(f, xs))
+
+    def run(limit):
+        monkeypatch.setattr(blocks, "WINDOW_CHUNK_PIXELS", limit)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+    whole, banded = run(10**9), run(64 * 3 * 2)  # 5 window rows of 3 windows: bands of 1 row
+    assert calls == [5]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), whole, banded)
+
+
+def test_row_bands_are_the_largest_divisor_under_the_limit():
+    seen = []
+    fn = lambda t: seen.append(t.shape) or t * 2
+    t = jnp.arange(2 * 12 * 3, dtype=jnp.float32).reshape(2, 12, 3)
+    out = blocks.chunked_over_window_rows(fn, (t,), pixels_per_row=10, limit=50)
+    np.testing.assert_array_equal(out, t * 2)
+    assert seen == [(2, 4, 3)]  # 12 rows in bands of 4 (5 would not divide 12)
+    seen.clear()
+    blocks.chunked_over_window_rows(fn, (t,), pixels_per_row=10, limit=120)
+    assert seen == [(2, 12, 3)]  # fits: one piece, no loop
+    seen.clear()
+    blocks.chunked_over_window_rows(fn, (t,), pixels_per_row=10, limit=5)
+    assert seen == [(2, 1, 3)]  # one row is already over the limit: bands of one row
+
+
 def test_channel_attention_equals_numpy_reference():
     heads = 2
     x = np.random.default_rng(3).normal(size=(1, 5, 6, 4)).astype(np.float32)

@@ -206,6 +206,12 @@ def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
     return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
 
 
+def _model_differences(a, b, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Fields in which two model configs differ (compared as JSON, so tuples equal lists)."""
+    keys = (set(a) | set(b)) - set(ignore)
+    return sorted(k for k in keys if json.dumps(a.get(k)) != json.dumps(b.get(k)))
+
+
 def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """Teacher params (replicated) from config.teacher_weights or config.teacher_workdir."""
     if config.teacher_weights:
@@ -219,11 +225,7 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         state = checkpoint.restore_train_state(mngr, step, abstract_state(tconfig, mesh))
         params, source = state["params"]["net"], f"{mngr.directory} step {step}"
         mngr.close()
-    differ = sorted(
-        k
-        for k in set(model_cfg) | set(config.teacher_model)
-        if json.dumps(model_cfg.get(k)) != json.dumps(config.teacher_model.get(k))
-    )
+    differ = _model_differences(model_cfg, config.teacher_model)
     if differ:
         raise checkpoint.WeightsError(
             f"teacher {source} was built with other model settings than config.teacher_model "
@@ -241,20 +243,16 @@ def init_from_weights(state: State, config: ml_collections.ConfigDict, mesh) -> 
     network config.model describes.
     """
     params, model_cfg, _ = checkpoint.load_params(config.init_weights)
-    differ = sorted(
-        k
-        for k in set(model_cfg) | set(config.model)
-        if k != "dtype" and json.dumps(model_cfg.get(k)) != json.dumps(config.model.get(k))
-    )
+    differ = _model_differences(model_cfg, config.model, ignore=("dtype",))
     if differ:
         raise checkpoint.WeightsError(
             f"{config.init_weights}: built with other model settings than config.model "
             f"({', '.join(f'{k}={model_cfg.get(k)!r}' for k in differ)}); pass weights of this "
             "network or set --config.model.<field> to match"
         )
+    # load_params checked every tensor against the network of the file's config, which is
+    # config.model's up to the compute dtype: the tree is the one the state holds.
     net = parallel.replicate(params, mesh)
-    if jax.tree.structure(net) != jax.tree.structure(state["params"]["net"]):
-        raise checkpoint.WeightsError(f"{config.init_weights}: its parameter tree differs")
     logging.info("network params initialised from %s", config.init_weights)
     return state | {"params": state["params"] | {"net": net}}
 

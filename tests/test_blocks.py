@@ -185,3 +185,25 @@ def test_head_windows_gather_equals_reshape_form_and_its_vjp():
     np.testing.assert_array_equal(gather(t), ref)
     (rt,) = jax.vjp(gather, t)[1](g)
     np.testing.assert_allclose(dt, rt, atol=1e-5)
+
+
+def test_pixel_blocked_products_equal_plain_einsums_with_grads(monkeypatch):
+    # 30 pixels in blocks of at most 8: blocks of 6, the largest divisor.
+    monkeypatch.setattr(blocks, "GRAM_BLOCK_PIXELS", 8)
+    rng = np.random.default_rng(5)
+    x, y = (jnp.asarray(rng.normal(size=(2, 30, 3, c)), jnp.float32) for c in (4, 5))
+    jaxpr = str(jax.make_jaxpr(blocks.pixel_gram)(x, y))
+    assert "f32[2,5,3,4,5]" in jaxpr or "f32[2,5,3,5,4]" in jaxpr  # 5 blocks, summed after
+
+    def check(fast, plain, *args):
+        probe = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+        got = jax.value_and_grad(probe(fast), argnums=tuple(range(len(args))))(*args)
+        ref = jax.value_and_grad(probe(plain), argnums=tuple(range(len(args))))(*args)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, ref)
+
+    check(blocks.pixel_gram, lambda a, b: jnp.einsum("bnhc,bnhd->bhcd", a, b), x, y)
+    check(blocks.pixel_gram, lambda a, b: jnp.einsum("bnhc,bnhd->bhcd", a, b), y, x)
+    kernel = jnp.asarray(rng.normal(size=(4, 7)), jnp.float32)
+    check(blocks.pointwise, lambda a, k: jnp.einsum("...c,cd->...d", a, k), x, kernel)
+    attn = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
+    check(blocks.channel_mix, lambda a, v: jnp.einsum("bhcd,bnhd->bnhc", a, v), attn, y)

@@ -1,3 +1,5 @@
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,3 +209,15 @@ def test_pixel_blocked_products_equal_plain_einsums_with_grads(monkeypatch):
     check(blocks.pointwise, lambda a, k: jnp.einsum("...c,cd->...d", a, k), x, kernel)
     attn = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
     check(blocks.channel_mix, lambda a, v: jnp.einsum("bhcd,bnhd->bnhc", a, v), attn, y)
+
+
+def test_gelu_is_torchs_exact_erf_form_with_its_derivative():
+    x = np.linspace(-9.0, 9.0, 2001)
+    phi = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x])
+    want = x * phi
+    dwant = phi + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    xj = jnp.asarray(x, jnp.float32)
+    np.testing.assert_allclose(blocks.gelu(xj), want, atol=2e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(blocks.gelu))(xj), dwant, atol=2e-6)
+    # jax's tanh approximation differs by up to ~5e-4: the exact form must not drift to it.
+    assert np.max(np.abs(jax.nn.gelu(xj, approximate=True) - want)) > 1e-4

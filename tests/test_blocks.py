@@ -221,3 +221,23 @@ def test_gelu_is_torchs_exact_erf_form_with_its_derivative():
     np.testing.assert_allclose(jax.vmap(jax.grad(blocks.gelu))(xj), dwant, atol=2e-6)
     # jax's tanh approximation differs by up to ~5e-4: the exact form must not drift to it.
     assert np.max(np.abs(jax.nn.gelu(xj, approximate=True) - want)) > 1e-4
+
+
+@pytest.mark.parametrize("ws,ows", [(8, 12), (4, 6)])
+def test_rel_pos_logits_dense_vjp_equals_gather_vjp(ws, ows):
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.normal(size=(2, 3, 2, 2, ws * ws, 5)), jnp.float32)
+    rh, rw = (jnp.asarray(rng.normal(size=(2 * ows - 1, 5)), jnp.float32) for _ in range(2))
+    cot = tuple(jnp.asarray(rng.normal(size=(*q.shape[:-1], ows)), jnp.float32) for _ in range(2))
+    outs, grads = [], []
+    for fn in (blocks.rel_pos_logits, blocks._rel_pos_logits_plain):
+        out, vjp = jax.vjp(lambda a, b, c, fn=fn: fn(a, b, c, ws, ows), q, rh, rw)
+        outs.append(out)
+        grads.append(vjp(cot))
+    for a, b in zip(outs[0] + grads[0], outs[1] + grads[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    # Exactly the table rows that some (query, key) pair uses receive gradient.
+    used = np.zeros(2 * ows - 1, bool)
+    used[np.unique(blocks.rel_pos_index(ws, ows)[0])] = True
+    assert np.all(np.any(np.asarray(grads[0][1]) != 0, axis=1) == used)
+    assert not used.all()  # the 8x8-in-12x12 geometry never reaches the outer rows

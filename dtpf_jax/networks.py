@@ -51,7 +51,7 @@ def model_config(kind: str = "student") -> ml_collections.ConfigDict:
             fusion_spatial_dim_head=32,
             text_dim=0,
             film_form="paper",
-            remat=True,
+            remat=False,  # training memory vs speed only: see FusionNet._remat
             dtype="float32",
         )
     )
@@ -60,6 +60,7 @@ def model_config(kind: str = "student") -> ml_collections.ConfigDict:
         cfg.ffn_expansion_factor = 2.66
         cfg.num_refinement_blocks = 4
         cfg.text_dim = 512
+        cfg.remat = True
     elif kind != "student":
         raise ValueError(f"unknown model kind {kind!r}; use 'teacher' or 'student'")
     return cfg
@@ -114,8 +115,9 @@ class FusionNet(nn.Module):
     config: ml_collections.ConfigDict
 
     def _remat(self, cls):
-        # Recompute each block's inside in the backward pass: the stored attention maps
-        # would otherwise need ~13 GiB (student) / ~53 GiB (teacher) at batch 4, 128^2.
+        # remat: recompute each block's inside in the backward pass instead of storing it.
+        # Train step at batch 4, 128², XLA temp memory: teacher 12.0 GiB with it, 15.7 GiB
+        # without; student 4.1 GiB with it, 5.1 GiB without and 14 % faster.
         return nn.remat(cls) if self.config.get("remat", True) else cls
 
     def _block(self, lvl: int, name: str):

@@ -206,9 +206,13 @@ def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
     return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
 
 
+# Model settings that change how a network is computed, not its parameters or function.
+_NOT_ARCHITECTURE = ("remat",)
+
+
 def _model_differences(a, b, ignore: tuple[str, ...] = ()) -> list[str]:
     """Fields in which two model configs differ (compared as JSON, so tuples equal lists)."""
-    keys = (set(a) | set(b)) - set(ignore)
+    keys = (set(a) | set(b)) - set(ignore) - set(_NOT_ARCHITECTURE)
     return sorted(k for k in keys if json.dumps(a.get(k)) != json.dumps(b.get(k)))
 
 

@@ -96,3 +96,23 @@ def test_output_is_visible_residual_plus_conv(tiny_student):
     vis = jax.random.uniform(jax.random.key(1), (1, 64, 64, 3))
     out = jax.jit(model.apply)({"params": params}, vis, jnp.zeros((1, 64, 64, 1)))
     np.testing.assert_allclose(out, vis, atol=1e-6)
+
+
+def test_remat_changes_neither_outputs_nor_gradients(tiny_student):
+    cfg, params = tiny_student
+    vis = jax.random.uniform(jax.random.key(2), (1, 64, 64, 3))
+    ir = jax.random.uniform(jax.random.key(3), (1, 64, 64, 1))
+    grads = []
+    for remat in (True, False):
+        c = cfg.copy_and_resolve_references()
+        c.remat = remat
+        model = networks.build_model(c)
+        loss = lambda p, model=model: jnp.mean(jnp.square(model.apply({"params": p}, vis, ir)))
+        grads.append(jax.jit(jax.grad(loss))(params))
+    flat = [jax.tree.leaves(g) for g in grads]
+    assert sum(float(jnp.abs(x).sum()) for x in flat[0]) > 0
+    for a, b in zip(*flat, strict=True):  # equal up to float reassociation
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(jnp.abs(b).max()) + 1e-8)
+    # Only the teacher, whose stored activations would not fit a 24 GiB machine at batch 4,
+    # recomputes them by default.
+    assert networks.model_config("teacher").remat and not networks.model_config("student").remat

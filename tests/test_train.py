@@ -318,6 +318,13 @@ def test_init_weights_starts_the_network_from_a_file_with_a_fresh_optimizer(
     # A resumed run keeps its checkpoint: the file is read only for a fresh start.
     assert tiny_run(tmp_path / "file", init_weights=tmp_path / "missing.msgpack")[1] is None
 
+    # remat changes how gradients are computed, not the network: not a mismatch.
+    same = cfg.copy_and_resolve_references()
+    same.model.remat = not cfg.model.remat
+    same.init_weights = str(weights)
+    got = train.init_from_weights(state0, same, parallel.make_mesh())["params"]["net"]
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), _host(got), _host(start))
+
     other = cfg.copy_and_resolve_references()
     other.model.dim = 16
     other.init_weights = str(weights)

@@ -214,7 +214,11 @@ def embeddings_path(cfg: ConfigDict) -> pathlib.Path:
 
 
 def pair_priors(cfg: ConfigDict, pairs: Sequence[data.Pair]) -> tuple[np.ndarray, np.ndarray]:
-    """(N, text_dim) embeddings and (N, 5) task weights of pairs; no captions -> zeros, default."""
+    """(N, text_dim) embeddings and (N, 5) task weights of pairs; no captions -> zeros, default.
+
+    text_dim 0 (a text-free network): the captions set the task weights only and no embedding
+    cache is read.
+    """
     table = TASK_TABLES[cfg.kind]
     if not cfg.captions:
         log.info("no captions configured: zero text embeddings and 'default' weights")
@@ -223,6 +227,9 @@ def pair_priors(cfg: ConfigDict, pairs: Sequence[data.Pair]) -> tuple[np.ndarray
             np.tile(task_weights([], table), (len(pairs), 1)),
         )
     strings, events = pair_texts(cfg, pairs)
+    weights = np.stack([task_weights(e, table) for e in events])
+    if not cfg.text_dim:
+        return np.zeros((len(pairs), 0), np.float32), weights
     path = embeddings_path(cfg)
     cache = load_cache(path)
     lookup = dict(zip(cache["strings"].tolist(), cache["embeddings"], strict=True))
@@ -239,7 +246,7 @@ def pair_priors(cfg: ConfigDict, pairs: Sequence[data.Pair]) -> tuple[np.ndarray
             f"{path}: embeddings are {emb.shape[1]}-d, data.text_dim is {cfg.text_dim}"
         )
     log.info("text embeddings from %s (model %s)", path, cache["model"])
-    return emb, np.stack([task_weights(e, table) for e in events])
+    return emb, weights
 
 
 # --- CLIP tokenizer, model, embedding cache -----------------------------------------------------

@@ -332,6 +332,18 @@ def validate(
     return metrics.mean_scores(scores), grid
 
 
+def run_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.data as the run reads it: the text-free 'student' stage reads no embeddings.
+
+    Its captions (if any) set the per-sample task weights only, so fine-tuning a student needs
+    no CLIP and no embedding cache.
+    """
+    cfg = ml_collections.ConfigDict(config.data.to_dict())
+    if config.stage == "student":
+        cfg.text_dim = 0
+    return cfg
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Train config.stage in workdir, resuming from its latest checkpoint; the last metrics."""
     workdir = pathlib.Path(workdir).resolve()
@@ -348,11 +360,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     )
     frozen = (load_teacher(config, mesh),) if config.stage == "distill" else ()
     step_fn = build_step(config, mesh)
-    pairs = train_pairs(config.data)
+    data_cfg = run_data_config(config)
+    pairs = train_pairs(data_cfg)
     train_iter = make_train_iter(
-        config.data, pairs, global_batch=config.batch_size, seed=config.seed, mesh=mesh
+        data_cfg, pairs, global_batch=config.batch_size, seed=config.seed, mesh=mesh
     )
-    val_ds = data.make_eval_pairs(config.data, "val") if config.eval_every else None
+    val_ds = data.make_eval_pairs(data_cfg, "val") if config.eval_every else None
     fuser = Fuser(config.model)
     mngr = checkpoint.train_manager(workdir, config.keep_best)
     start = mngr.latest_step() or 0

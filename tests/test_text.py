@@ -5,6 +5,7 @@ import importlib.util
 import logging
 import pathlib
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -163,6 +164,33 @@ def test_caption_embed_and_pipeline_end_to_end(tiny_clip, tmp_path, caplog):
     (caps / "set/b.png_b.png.txt").unlink()
     with pytest.raises(data.DataError, match="1 pairs have no caption file"):
         data.make_eval_pairs(cfg, "train")
+
+
+def test_text_free_student_reads_caption_weights_without_an_embedding_cache(tmp_path):
+    from dtpf_jax import train
+
+    rng = np.random.default_rng(1)
+    root, caps = tmp_path / "data", tmp_path / "caps"
+    for n in ("a", "b"):
+        _png(root / "set/vi" / f"{n}.png", rng.integers(0, 60, (20, 20, 3)))
+        _png(root / "set/ir" / f"{n}.png", rng.integers(0, 256, (20, 20)))
+    assert text.main(["caption", str(root), "--out", str(caps)]) == 0
+    (caps / "set/b.png_b.png.txt").write_text("Event Type: Motion Blur\nDescription: x\n")
+    cfg = data.default_config("ivf")
+    cfg.update(root=str(root), train=("set",), train_split=(0, 1), crop=16, captions=str(caps))
+    pairs = data.source_pairs(cfg, "train")
+    with pytest.raises(data.DataError, match="no embedding cache"):  # a teacher needs one
+        text.pair_priors(cfg, pairs)
+    run = ml_collections.ConfigDict({"stage": "student", "data": cfg.to_dict()})
+    student_cfg = train.run_data_config(run)
+    assert student_cfg.text_dim == 0 and cfg.text_dim == 512  # the run's copy, not the config
+    emb, weights = text.pair_priors(student_cfg, pairs)
+    assert emb.shape == (2, 0)
+    np.testing.assert_array_equal(weights[1], IVF_TASK_WEIGHTS["motion_blur"])
+    _, events = text.pair_texts(cfg, pairs)
+    np.testing.assert_array_equal(weights[0], task_weights(events[0], IVF_TASK_WEIGHTS))
+    run.stage = "teacher"
+    assert train.run_data_config(run).text_dim == 512
 
 
 def test_captioner_refuses_the_shared_folder(shared_dir, tmp_path):

@@ -1,6 +1,6 @@
 """Fuse visible + infrared (or CT|PET|SPECT + MRI) pairs into 8-bit PNGs of the input's size.
 
-    python -m dtpf_jax.fuse --vis DIR|FILE --ir DIR|FILE --out DIR [--weights student|PATH]
+    python -m dtpf_jax.fuse --vis DIR|FILE --ir DIR|FILE --out DIR [--weights NAME|PATH]
         [--color rgb|ycbcr|gray] [--mode auto|full|tiles] [--html FILE]
     python -m dtpf_jax.fuse --weights teacher.msgpack --text "Event Type: Low Light ..." ...
     python -m dtpf_jax.fuse              # built-in demo pair -> ./dtpf_demo/ (index.html)
@@ -254,8 +254,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights",
         default="student",
-        metavar="student|PATH",
-        help="'student' (shipped IVF student; untrained until it ships), "
+        metavar="NAME|PATH",
+        help="a shipped student: 'student' (infrared-visible, default), 'student_pet_mri', "
+        "'student_spect_mri', 'student_ct_mri' (medical: --vis PET/SPECT/CT, --ir MRI); "
         "or a weight file (.msgpack from export or scripts/convert_official.py)",
     )
     p.add_argument("--text", help="caption for a teacher (one for all pairs)")
@@ -298,6 +299,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def medical_hint(jobs: Sequence[Job], weights: str) -> str | None:
+    """A note when the default IVF student meets a PET/SPECT/CT folder and its student ships."""
+    if str(weights) not in ("student", "student_ivf") or not jobs:
+        return None
+    folder = jobs[0].vis.parent.name.lower()
+    name = {"pet": "student_pet_mri", "spect": "student_spect_mri", "ct": "student_ct_mri"}.get(
+        folder
+    )
+    if name is None or not (infer.WEIGHTS_DIR / infer.SHIPPED_STUDENTS[name]).is_file():
+        return None
+    return (
+        f"note: {jobs[0].vis.parent} looks like medical input and --weights {weights} is the "
+        f"infrared-visible student; --weights {name} is the one trained on {folder.upper()}-MRI"
+    )
+
+
 def _compile_cache(disabled: bool) -> None:
     """Keep compiled shapes across runs (~25 s per shape on 2 CPU cores) unless set already."""
     import jax
@@ -325,6 +342,9 @@ def fuse_main(args) -> int:
         args.html = args.html or str(out.parent / "index.html")
     jobs = plan_jobs(args.vis, args.ir, out)
     check_inputs(jobs)
+    hint = medical_hint(jobs, args.weights)
+    if hint:
+        print(hint)
     model = infer.load_model(args.weights, args.dtype)
     embs = text_embeddings(args, model, jobs)
     prepare_out(out)

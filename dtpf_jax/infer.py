@@ -169,7 +169,15 @@ def make_fuse_fn(model_cfg: ml_collections.ConfigDict) -> Callable:
 log = logging.getLogger("dtpf_jax")
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
-DEFAULT_STUDENT = "student_ivf.msgpack"  # the released IVF student (issue 7) goes here
+# Students shipped in dtpf_jax/weights/, by the name load_model and `fuse --weights` take.
+SHIPPED_STUDENTS = {
+    "student": "student_ivf.msgpack",  # infrared-visible (MSRS); the default
+    "student_ivf": "student_ivf.msgpack",
+    "student_pet_mri": "student_pet_mri.msgpack",  # medical (Harvard), one per task
+    "student_spect_mri": "student_spect_mri.msgpack",
+    "student_ct_mri": "student_ct_mri.msgpack",
+}
+DEFAULT_STUDENT = SHIPPED_STUDENTS["student"]
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 UNTRAINED_WARNING = "no trained weights ship yet: output is from an untrained network"
 # Above this many input pixels mode 'auto' runs tiles: network memory then no longer grows
@@ -229,24 +237,33 @@ def _uniform(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> n
 
 
 def load_model(weights: str | os.PathLike = "student", dtype: str | None = None) -> Model:
-    """'student' (the shipped IVF student, else an untrained one, warned), 'teacher' or a file.
+    """A shipped student by name, 'teacher' (an error: none ships) or a weight file.
 
-    No teacher ships (the official one was never released): pass its weight file instead.
+    Names (SHIPPED_STUDENTS): 'student' / 'student_ivf' (infrared-visible, the default; an
+    untrained one, warned, if the file is absent), 'student_pet_mri', 'student_spect_mri',
+    'student_ct_mri' (medical, one per Harvard task; A = PET/SPECT/CT, B = MRI).
     `dtype` ('float32' | 'bfloat16') overrides the compute dtype stored in the file.
     """
     from dtpf_jax import checkpoint
 
-    if str(weights) == "student" and not (WEIGHTS_DIR / DEFAULT_STUDENT).is_file():
-        log.warning(UNTRAINED_WARNING)
-        cfg = networks.model_config("student")
-        params, source, meta, trained = random_params(cfg), "random init (student)", {}, False
-    elif str(weights) == "teacher":
+    name = str(weights)
+    shipped = WEIGHTS_DIR / SHIPPED_STUDENTS[name] if name in SHIPPED_STUDENTS else None
+    if name == "teacher":
         raise checkpoint.WeightsError(
             "teacher: no teacher weights ship with dtpf_jax (the official teacher was never "
             "released); pass the path of a teacher weight file instead"
         )
+    if shipped is not None and not shipped.is_file():
+        if shipped.name != DEFAULT_STUDENT:
+            raise checkpoint.WeightsError(
+                f"{name}: {shipped} is missing from this install; reinstall dtpf_jax or pass "
+                "the path of a weight file"
+            )
+        log.warning(UNTRAINED_WARNING)
+        cfg = networks.model_config("student")
+        params, source, meta, trained = random_params(cfg), "random init (student)", {}, False
     else:
-        path = WEIGHTS_DIR / DEFAULT_STUDENT if str(weights) == "student" else weights
+        path = shipped if shipped is not None else weights
         params, cfg, meta = checkpoint.load_params(path)
         source, trained = str(path), True
     if dtype is not None:

@@ -2,13 +2,16 @@
 
   python scripts/reproduce_results.py --data ../shared/data --out results \
       --student dtpf_jax/weights/student_ivf.msgpack \
-      --teacher teacher_ivf.msgpack --captions captions
+      --student-med 'student_{task}' --teacher teacher_ivf.msgpack --captions captions
 
 Methods (rows): `student` (a weight file, text-free; `student_tiles`: the same network under
 the official sliding-window test protocol, on --tiles-splits), `teacher` (a text-guided weight
 file fed each pair's caption embedding from the `--captions` cache), `teacher_notext` (the same
 teacher with an all-zero text embedding: the paper's text ablation), and two baselines,
 `max` = max(vis_gray, ir) and `mean` = (vis_gray + ir) / 2 (BT.601 gray of the visible / A image).
+On the medical splits the `student` rows
+come from --student-med when it is given: a weight file or shipped name, where `{task}` stands
+for the split's Harvard task (`student_{task}`: the shipped student of each task).
 A method whose weights are not given is left out. Splits: folders under --data holding a
 vi/ir or ct|pet|spect + mri layout; `REL:N` takes the first N pairs by name (linked into
 <out>/subsets/), for the teacher rows that a CPU cannot afford on a whole split. The teacher
@@ -30,7 +33,7 @@ import time
 
 import numpy as np
 
-from dtpf_jax import color, data, evaluate, infer, text
+from dtpf_jax import color, config_lib, data, evaluate, infer, text
 
 IVF_SPLITS = ("msrs/test", "roadscene", "tno", "m3fd")
 MED_SPLITS = ("harvard/pet_mri/test", "harvard/spect_mri/test", "harvard/ct_mri/test")
@@ -132,7 +135,12 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=pathlib.Path, default=data.default_config().root)
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"))
     p.add_argument("--student", default="", help="student weight file ('' = leave out)")
-    p.add_argument("--student-med", default="", help="medical student weight file (optional)")
+    p.add_argument(
+        "--student-med",
+        default="",
+        help="medical splits' student: a weight file or shipped name; {task} = the split's "
+        "Harvard task, e.g. 'student_{task}' (default: --student on every split)",
+    )
     p.add_argument("--teacher", default="", help="teacher weight file ('' = leave out)")
     p.add_argument("--teacher-kind", default="ivf", choices=("ivf", "medical"))
     p.add_argument("--captions", default="", help="caption tree with its CLIP cache (teacher)")
@@ -162,7 +170,18 @@ def main(argv=None) -> int:
         base_models["student"] = base_models["student_tiles"] = infer.load_model(args.student)
     if args.teacher:
         base_models["teacher"] = base_models["teacher_notext"] = infer.load_model(args.teacher)
-    med_student = infer.load_model(args.student_med) if args.student_med else None
+    med_students: dict[str, infer.Model] = {}
+
+    def med_student(rel: str) -> infer.Model | None:
+        if not args.student_med:
+            return None
+        task = next((t for t in config_lib.MED_TASKS if t in rel), "")
+        if "{task}" in args.student_med and not task:
+            raise SystemExit(f"{rel}: no Harvard task in its path to fill --student-med's {{task}}")
+        name = args.student_med.replace("{task}", task)
+        if name not in med_students:
+            med_students[name] = infer.load_model(name)
+        return med_students[name]
 
     sections = {c: [] for c in CONVENTIONS}
     for spec in args.splits:
@@ -172,8 +191,8 @@ def main(argv=None) -> int:
             continue
         split, pairs, rel = found
         models = dict(base_models)
-        if split.kind == "medical" and med_student is not None:
-            models["student"] = models["student_tiles"] = med_student
+        if split.kind == "medical" and args.student_med:
+            models["student"] = models["student_tiles"] = med_student(rel)
         models["max"] = models["mean"] = None
         methods = fuse_split(args, split, pairs, rel, models, args.out)
         columns = MED_COLUMNS if split.kind == "medical" else IVF_COLUMNS

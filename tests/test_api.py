@@ -111,6 +111,13 @@ def test_load_model_resolution(tmp_path, tiny_student, monkeypatch, caplog):
     assert infer.load_model(tmp_path / infer.DEFAULT_STUDENT, "bfloat16").config.dtype == "bfloat16"
     with pytest.raises(checkpoint.WeightsError, match="no teacher weights ship"):
         infer.load_model("teacher")
+    # A medical student's name never falls back to an untrained network: it must ship.
+    with pytest.raises(checkpoint.WeightsError, match="student_ct_mri: .* missing from this"):
+        infer.load_model("student_ct_mri")
+    checkpoint.save_params(tmp_path / "student_ct_mri.msgpack", params, cfg, {"stage": "student"})
+    ct = infer.load_model("student_ct_mri")
+    assert ct.trained and ct.source == str(tmp_path / "student_ct_mri.msgpack")
+    assert infer.load_model("student_ivf").source == shipped.source
     with pytest.raises(checkpoint.WeightsError, match="not found"):
         infer.load_model(tmp_path / "missing.msgpack")
 

@@ -272,6 +272,22 @@ def test_untrained_default_student_says_so(monkeypatch, caplog):
     assert model.config.dim == 16  # the official student, randomly initialised
 
 
+def test_medical_folder_with_the_ivf_student_gets_a_hint(tmp_path, monkeypatch):
+    monkeypatch.setattr(infer, "WEIGHTS_DIR", tmp_path / "weights")
+    jobs = lambda folder: [
+        fuse.Job("a", tmp_path / folder / "a.png", tmp_path / "mri" / "a.png", tmp_path)
+    ]
+    assert fuse.medical_hint(jobs("PET"), "student") is None  # its student does not ship here
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "student_pet_mri.msgpack").touch()
+    hint = fuse.medical_hint(jobs("PET"), "student")
+    assert hint and "--weights student_pet_mri" in hint and str(tmp_path / "PET") in hint
+    assert fuse.medical_hint(jobs("PET"), "student_pet_mri") is None  # already the right one
+    assert fuse.medical_hint(jobs("PET"), "my.msgpack") is None  # the user's own file
+    assert fuse.medical_hint(jobs("vi"), "student") is None
+    assert fuse.medical_hint(jobs("spect"), "student") is None  # SPECT's file is absent
+
+
 def _run(args, cwd, **env):
     return subprocess.run(
         [sys.executable, "-m", "dtpf_jax.fuse", *args],

@@ -253,6 +253,12 @@ def load_model(weights: str | os.PathLike = "student", dtype: str | None = None)
             "teacher: no teacher weights ship with dtpf_jax (the official teacher was never "
             "released); pass the path of a teacher weight file instead"
         )
+    bare = pathlib.Path(name)  # no folder, no suffix, no such file: a mistyped shipped name
+    if shipped is None and bare.name == name and not bare.suffix and not bare.exists():
+        raise checkpoint.WeightsError(
+            f"{name}: neither a shipped student ({', '.join(SHIPPED_STUDENTS)}) nor a "
+            "weight file; pass one of those names or the path of a .msgpack file"
+        )
     if shipped is not None and not shipped.is_file():
         if shipped.name != DEFAULT_STUDENT:
             raise checkpoint.WeightsError(

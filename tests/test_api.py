@@ -118,6 +118,8 @@ def test_load_model_resolution(tmp_path, tiny_student, monkeypatch, caplog):
     ct = infer.load_model("student_ct_mri")
     assert ct.trained and ct.source == str(tmp_path / "student_ct_mri.msgpack")
     assert infer.load_model("student_ivf").source == shipped.source
+    with pytest.raises(checkpoint.WeightsError, match="student_pet: neither a shipped student"):
+        infer.load_model("student_pet")
     with pytest.raises(checkpoint.WeightsError, match="not found"):
         infer.load_model(tmp_path / "missing.msgpack")
 

@@ -28,6 +28,7 @@ import numpy as np
 from dtpf_jax import demo, infer
 from dtpf_jax.checkpoint import WeightsError
 from dtpf_jax.data import (
+    MED_A,
     DataError,
     Pair,
     atomic_write,
@@ -303,11 +304,9 @@ def medical_hint(jobs: Sequence[Job], weights: str) -> str | None:
     """A note when the default IVF student meets a PET/SPECT/CT folder and its student ships."""
     if str(weights) not in ("student", "student_ivf") or not jobs:
         return None
-    folder = jobs[0].vis.parent.name.lower()
-    name = {"pet": "student_pet_mri", "spect": "student_spect_mri", "ct": "student_ct_mri"}.get(
-        folder
-    )
-    if name is None or not (infer.WEIGHTS_DIR / infer.SHIPPED_STUDENTS[name]).is_file():
+    folder = jobs[0].vis.parent.name.lower()  # the A folder names of the medical layout
+    name = f"student_{folder}_mri"
+    if folder not in MED_A or not (infer.WEIGHTS_DIR / infer.SHIPPED_STUDENTS[name]).is_file():
         return None
     return (
         f"note: {jobs[0].vis.parent} looks like medical input and --weights {weights} is the "

@@ -172,9 +172,7 @@ def main(argv=None) -> int:
         base_models["teacher"] = base_models["teacher_notext"] = infer.load_model(args.teacher)
     med_students: dict[str, infer.Model] = {}
 
-    def med_student(rel: str) -> infer.Model | None:
-        if not args.student_med:
-            return None
+    def med_student(rel: str) -> infer.Model:
         task = next((t for t in config_lib.MED_TASKS if t in rel), "")
         if "{task}" in args.student_med and not task:
             raise SystemExit(f"{rel}: no Harvard task in its path to fill --student-med's {{task}}")

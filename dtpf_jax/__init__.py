@@ -10,6 +10,13 @@ __version__ = "0.1.0"
 _FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 if _FLAG not in _os.environ.get("XLA_FLAGS", ""):
     _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=false").strip()
+
+# `python -m dtpf_jax.fuse` / `.evaluate` / `.train`: re-run once under glibc malloc settings
+# that spare XLA:CPU's per-call page faults (see dtpf_jax/malloc.py); a no-op on import.
+from dtpf_jax import malloc as _malloc  # noqa: E402
+
+_malloc.reexec_if_cli()
+
 __all__ = ["fuse_images", "load_model"]
 
 

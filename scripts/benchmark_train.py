@@ -26,11 +26,9 @@ import subprocess
 import sys
 import time
 
+from dtpf_jax.malloc import TUNED as TUNED_MALLOC
+
 OFFICIAL_CPU_S = {"student": 11.4}  # s/step, official code, batch 4, 128², 2-core CPU
-TUNED_MALLOC = (
-    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:"
-    "glibc.malloc.arena_max=1:glibc.malloc.hugetlb=1"
-)
 
 
 def stage_config(stage: str):

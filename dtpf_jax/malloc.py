@@ -52,14 +52,18 @@ def wants_reexec(argv: list[str], environ: dict, system: str, libc: str) -> bool
     )
 
 
-def reexec_if_cli() -> None:
-    """Re-run a `python -m dtpf_jax.<cli>` command line under TUNED (once; see module doc)."""
-    argv = list(getattr(sys, "orig_argv", []))
-    if not wants_reexec(argv, os.environ, platform.system(), platform.libc_ver()[0]):
-        return
+def reexec_tuned(argv: list[str]) -> None:
+    """Replace this process by `argv` run under TUNED; returns only if that is impossible."""
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         os.execve(sys.executable, argv, dict(os.environ, GLIBC_TUNABLES=TUNED))
     except OSError:
         pass  # could not re-execute: run on with glibc's defaults
+
+
+def reexec_if_cli() -> None:
+    """Re-run a `python -m dtpf_jax.<cli>` command line under TUNED (once; see module doc)."""
+    argv = list(getattr(sys, "orig_argv", []))
+    if wants_reexec(argv, os.environ, platform.system(), platform.libc_ver()[0]):
+        reexec_tuned(argv)

@@ -40,8 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dtpf_jax import infer, networks
-from dtpf_jax.malloc import TUNED as MALLOC_TUNED
+from dtpf_jax import infer, malloc, networks
 
 # Official PyTorch nets on the project CPU (DESIGN §11): (model, H, W) -> ms, batch 1, fp32.
 OFFICIAL_MS = {
@@ -281,10 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         "--malloc-tuned", action="store_true", help="re-run under the CLIs' dtpf_jax.malloc.TUNED"
     )
     args = p.parse_args(argv)
-    if args.malloc_tuned and os.environ.get("GLIBC_TUNABLES") != MALLOC_TUNED:
+    if args.malloc_tuned and os.environ.get("GLIBC_TUNABLES") != malloc.TUNED:
         # glibc reads its tunables at process start: only a fresh process gets them.
-        env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNED)
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        malloc.reexec_tuned([sys.executable, *sys.argv])
     if args.quick:
         args.sizes, args.batches, args.dtypes, args.runs = "128x128,256x320", "1", "float32", 3
         args.cli_images, args.cli_size = min(args.cli_images, 4), "256x320"

@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.schedule = "cosine"  # 'cosine' (one decay) | 'official_cosine' (period 2*t_max)
     config.official_t_max = 500
     config.grad_clip = 0.0  # 0 = off
+    # Weight of a squared-error intensity term beside the official loss (losses.fusion_loss);
+    # 0 = official. Teacher and text-free student steps only (not read by the distill step).
+    config.intensity_l2 = 0.0
 
     config.eval_every = 1000  # 0 = never
     config.val_mode = "full"  # 'full' | 'tiles'

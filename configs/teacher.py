@@ -66,6 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.schedule = "cosine"
     config.official_t_max = 500  # half-period of 'official_cosine' in steps
     config.grad_clip = 0.0  # global-norm clipping; 0 = off (official: off)
+    # Weight of a squared-error intensity term beside the official loss (losses.fusion_loss);
+    # 0 = official. Teacher and text-free student steps only (not read by the distill step).
+    config.intensity_l2 = 0.0
 
     config.eval_every = 1000  # validate (and save a ranked checkpoint) every N steps and at
     #   the end; 0 = never (checkpoints are then kept by recency only)

@@ -126,13 +126,17 @@ def _mean(x: jax.Array) -> jax.Array:
     return jnp.mean(x, axis=(1, 2, 3))
 
 
+def intensity_target(vis: jax.Array, ir: jax.Array) -> jax.Array:
+    """The max term's target: IR (broadcast over RGB) where its channel mean is higher, else vis."""
+    mask = jnp.mean(ir, -1, keepdims=True) > jnp.mean(vis, -1, keepdims=True)
+    return jnp.where(mask, ir, vis)
+
+
 def fusion_terms(fused: jax.Array, vis: jax.Array, ir: jax.Array) -> jax.Array:
     """Unweighted official terms per sample, (B, 5) in WEIGHT_KEYS order."""
     fused, vis, ir = (a.astype(jnp.float32) for a in (fused, vis, ir))
     gray_f, gray_v, gray_i = rgb_to_gray(fused), rgb_to_gray(vis), rgb_to_gray(ir)
-    # Hard mask on channel means: IR (broadcast over RGB) where it is brighter, vis elsewhere.
-    mask = jnp.mean(ir, -1, keepdims=True) > jnp.mean(vis, -1, keepdims=True)
-    l_max = _mean(jnp.abs(fused - jnp.where(mask, ir, vis)))
+    l_max = _mean(jnp.abs(fused - intensity_target(vis, ir)))
     l_consist = 0.5 * (_mean(jnp.abs(gray_v - gray_f)) + _mean(jnp.abs(gray_i - gray_f)))
     fx, fy = sobel_abs(gray_f)
     vx, vy = sobel_abs(gray_v)
@@ -145,13 +149,26 @@ def fusion_terms(fused: jax.Array, vis: jax.Array, ir: jax.Array) -> jax.Array:
 
 
 def fusion_loss(
-    fused: jax.Array, vis: jax.Array, ir: jax.Array, weights: jax.Array
+    fused: jax.Array, vis: jax.Array, ir: jax.Array, weights: jax.Array, intensity_l2: float = 0.0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """mean_b Σ_k weights[b,k]·term[b,k]; weights (B,5) or (5,); metrics: weighted term means."""
+    """mean_b Σ_k weights[b,k]·term[b,k]; weights (B,5) or (5,); metrics: weighted term means.
+
+    intensity_l2 > 0 adds intensity_l2 · mean((fused - intensity_target)²), metric
+    'intensity_l2': not an official term. The official L1 terms pull with a constant-size
+    gradient whatever the error, and from a student that outputs the visible image they barely
+    bring the infrared in (RESULTS.md, "why the intensity term"); the squared error pulls in
+    proportion to the missing infrared. Off by default.
+    """
     terms = fusion_terms(fused, vis, ir)
     weighted = terms * jnp.broadcast_to(jnp.asarray(weights, jnp.float32), terms.shape)
     per_term = jnp.mean(weighted, axis=0)
-    return jnp.sum(per_term), {k: per_term[i] for i, k in enumerate(WEIGHT_KEYS)}
+    metrics = {k: per_term[i] for i, k in enumerate(WEIGHT_KEYS)}
+    total = jnp.sum(per_term)
+    if intensity_l2:
+        target = intensity_target(vis.astype(jnp.float32), ir.astype(jnp.float32))
+        metrics["intensity_l2"] = intensity_l2 * jnp.mean((fused.astype(jnp.float32) - target) ** 2)
+        total = total + metrics["intensity_l2"]
+    return total, metrics
 
 
 # Distillation (DESIGN §4.3, decision 2).

@@ -121,11 +121,15 @@ def _apply_gradients(state: State, grads, tx: optax.GradientTransformation) -> S
     return state | {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
 
 
-def _teacher_step(state: State, batch: dict, *, model, tx) -> tuple[State, dict]:
+def _teacher_step(
+    state: State, batch: dict, *, model, tx, intensity_l2: float = 0.0
+) -> tuple[State, dict]:
     def loss_fn(params):
         params = parallel.device_varying(params)
         fused = model.apply({"params": params["net"]}, batch["vis"], batch["ir"], batch["text_emb"])
-        loss, terms = losses.fusion_loss(fused, batch["vis"], batch["ir"], batch["weights"])
+        loss, terms = losses.fusion_loss(
+            fused, batch["vis"], batch["ir"], batch["weights"], intensity_l2
+        )
         return parallel.global_mean(loss), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -180,7 +184,12 @@ def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Ca
     if config.stage in ("teacher", "student"):
         # 'student': the text-free student on the fusion loss alone (the no-distillation
         # ablation, or fine-tuning); its network ignores the text embedding.
-        fn = functools.partial(_teacher_step, model=networks.build_model(config.model), tx=tx)
+        fn = functools.partial(
+            _teacher_step,
+            model=networks.build_model(config.model),
+            tx=tx,
+            intensity_l2=float(config.get("intensity_l2", 0.0)),
+        )
         return parallel.data_parallel_step(fn, mesh, num_args=2)
     if config.stage == "distill":
         fn = functools.partial(

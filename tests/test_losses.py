@@ -113,6 +113,22 @@ def test_max_term_uses_channel_mean_mask():
     np.testing.assert_allclose(_terms(FUSED, VIS, IR)[:, 0], want, rtol=1e-5)
 
 
+def test_intensity_l2_is_off_by_default_and_adds_a_squared_error_to_the_max_target():
+    w = losses.default_weights("ivf")
+    base, base_terms = losses.fusion_loss(FUSED, VIS, IR, w)
+    off, off_terms = losses.fusion_loss(FUSED, VIS, IR, w, 0.0)
+    assert set(off_terms) == set(losses.WEIGHT_KEYS) and float(off) == float(base)
+    mask = IR.mean(-1, keepdims=True) > VIS.mean(-1, keepdims=True)
+    target = np.where(mask, np.broadcast_to(IR, VIS.shape), VIS).astype(np.float64)
+    want = 25.0 * np.mean((FUSED - target) ** 2)
+    total, terms = losses.fusion_loss(FUSED, VIS, IR, w, 25.0)
+    np.testing.assert_allclose(float(terms["intensity_l2"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(base) + want, rtol=1e-5)
+    # Its gradient grows with the error (the L1 max term's does not): 2·w·(F − target)/N.
+    g = jax.grad(lambda f: losses.fusion_loss(f, VIS, IR, w, 25.0)[1]["intensity_l2"])(FUSED)
+    np.testing.assert_allclose(np.asarray(g), 50.0 * (FUSED - target) / FUSED.size, atol=1e-7)
+
+
 def test_consist_term():
     gf = _gray(FUSED)
     want = 0.5 * (np.abs(_gray(VIS) - gf).mean((1, 2, 3)) + np.abs(IR - gf).mean((1, 2, 3)))

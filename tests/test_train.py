@@ -360,6 +360,9 @@ def test_nodistill_stage_trains_the_student_alone_on_the_fusion_loss():
     new, metrics = jax.eval_shape(train.build_step(cfg, mesh), state, batch)  # 2 args: no teacher
     assert set(metrics) == {"loss", "grad_norm", *losses.WEIGHT_KEYS}
     assert jax.tree.structure(new) == jax.tree.structure(state)
+    cfg.intensity_l2 = 100.0  # the optional squared-error intensity term reaches the step
+    _, metrics = jax.eval_shape(train.build_step(cfg, mesh), state, batch)
+    assert set(metrics) == {"loss", "grad_norm", "intensity_l2", *losses.WEIGHT_KEYS}
 
 
 def test_config_variants_and_names():

@@ -192,6 +192,11 @@ def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Ca
         )
         return parallel.data_parallel_step(fn, mesh, num_args=2)
     if config.stage == "distill":
+        if config.get("intensity_l2", 0.0):
+            raise ValueError(
+                "config.intensity_l2 is read by the teacher and text-free student steps only; "
+                "the distill step keeps the paper's loss: set it to 0 or use :nodistill"
+            )
         fn = functools.partial(
             _distill_step,
             student=networks.build_model(config.model),

@@ -363,6 +363,10 @@ def test_nodistill_stage_trains_the_student_alone_on_the_fusion_loss():
     cfg.intensity_l2 = 100.0  # the optional squared-error intensity term reaches the step
     _, metrics = jax.eval_shape(train.build_step(cfg, mesh), state, batch)
     assert set(metrics) == {"loss", "grad_norm", "intensity_l2", *losses.WEIGHT_KEYS}
+    distill = micro(load_config("distill", "smoke"))
+    distill.intensity_l2 = 100.0  # not read by the distill step: refused, not silently ignored
+    with pytest.raises(ValueError, match="intensity_l2"):
+        train.build_step(distill, mesh)
 
 
 def test_config_variants_and_names():

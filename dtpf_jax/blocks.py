@@ -274,16 +274,22 @@ class ChannelAttention(nn.Module):
         return Conv1x1(c, self.bias, name="project_out")(out)
 
 
-def overlap_windows(t, window: int, overlap: int):
-    """Overlapping (window+overlap)^2 windows at stride `window`, zero padded by overlap/2.
-
-    t (B, H, W, C) -> (B, H/w, W/w, (w+o)^2, C), window positions row-major; built from a
-    reshape into blocks and a concatenation with the first `o` rows/cols of the next block.
-    """
-    b, h, w, c = t.shape
+def pad_for_windows(t, overlap: int):
+    """The zero padding of the key/value windows: overlap/2 on every side (DESIGN §10)."""
     p = overlap // 2
-    nh, nw = h // window, w // window
-    tp = jnp.pad(t, ((0, 0), (p, window - p), (p, window - p), (0, 0)))
+    return jnp.pad(t, ((0, 0), (p, p), (p, p), (0, 0)))
+
+
+def overlap_windows(tp, window: int, overlap: int):
+    """Overlapping (window+overlap)^2 windows at stride `window` of a padded tensor.
+
+    tp (B, H + o, W + o, C), from pad_for_windows -> (B, H/w, W/w, (w+o)^2, C), window
+    positions row-major; built from a reshape into blocks (after a further zero padding to
+    whole blocks) and a concatenation with the first `o` rows/cols of the next block.
+    """
+    b, hp, wp, c = tp.shape
+    nh, nw = (hp - overlap) // window, (wp - overlap) // window
+    tp = jnp.pad(tp, ((0, 0), (0, (nh + 1) * window - hp), (0, (nw + 1) * window - wp), (0, 0)))
     blocks = tp.reshape(b, nh + 1, window, nw + 1, window, c)
     rows = jnp.concatenate([blocks[:, :-1], blocks[:, 1:, :overlap]], axis=2)
     win = jnp.concatenate([rows[:, :, :, :-1], rows[:, :, :, 1:, :overlap]], axis=4)
@@ -291,32 +297,30 @@ def overlap_windows(t, window: int, overlap: int):
     return win.transpose(0, 1, 3, 2, 4, 5).reshape(b, nh, nw, ws * ws, c)
 
 
-def _head_windows_plain(t, heads: int, window: int, overlap: int):
-    b, h, w, c = t.shape
-    win = overlap_windows(t, window, overlap)
-    return win.reshape(*win.shape[:4], heads, c // heads).transpose(0, 1, 2, 4, 3, 5)
+def _head_windows_plain(tp, heads: int, window: int, overlap: int):
+    win = overlap_windows(tp, window, overlap)
+    return win.reshape(*win.shape[:4], heads, tp.shape[-1] // heads).transpose(0, 1, 2, 4, 3, 5)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def head_windows(t, heads: int, window: int, overlap: int):
-    """Key/value windows per head: (B, H, W, heads*d) -> (B, H/w, W/w, heads, (w+o)^2, d).
+def head_windows(tp, heads: int, window: int, overlap: int):
+    """Key/value windows per head of a padded tensor (pad_for_windows):
+    (B, H + o, W + o, heads*d) -> (B, H/w, W/w, heads, (w+o)^2, d).
 
     Forward by one gather (half the time of reshapes + concatenations + transposes on CPU);
     backward by the transpose of the reshape form, since a gather's VJP is a slow scatter.
     """
-    b, h, w, c = t.shape
-    p = overlap // 2
-    nh, nw, ws = h // window, w // window, window + overlap
-    tp = jnp.pad(t, ((0, 0), (p, window - p), (p, window - p), (0, 0)))
-    tp = tp.reshape(b, h + window, w + window, heads, c // heads).transpose(0, 3, 1, 2, 4)
+    b, hp, wp, c = tp.shape
+    nh, nw, ws = (hp - overlap) // window, (wp - overlap) // window, window + overlap
+    tp = tp.reshape(b, hp, wp, heads, c // heads).transpose(0, 3, 1, 2, 4)
     rows = np.arange(nh)[:, None] * window + np.arange(ws)[None, :]
     cols = np.arange(nw)[:, None] * window + np.arange(ws)[None, :]
     g = tp[:, :, rows[:, None, :, None], cols[None, :, None, :]]  # b, heads, nh, nw, ws, ws, d
     return g.reshape(b, heads, nh, nw, ws * ws, c // heads).transpose(0, 2, 3, 1, 4, 5)
 
 
-def _head_windows_fwd(t, heads, window, overlap):
-    return head_windows(t, heads, window, overlap), t.shape
+def _head_windows_fwd(tp, heads, window, overlap):
+    return head_windows(tp, heads, window, overlap), tp.shape
 
 
 def _head_windows_bwd(heads, window, overlap, shape, g):
@@ -358,45 +362,81 @@ class WindowAttention(nn.Module):
         b, h, w, c = x.shape
         ws, nh_, dh = self.window, self.heads, self.dim_head
         ows = ws + int(ws * self.overlap_ratio)
-        inner = nh_ * dh
-        qkv = Conv1x1(3 * inner, self.bias, name="qkv")(x)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
-        nh, nw = h // ws, w // ws
-        q = q.reshape(b, nh, ws, nw, ws, nh_, dh).transpose(0, 1, 3, 5, 2, 4, 6)
-        q = q.reshape(b, nh, nw, nh_, ws * ws, dh) * (dh**-0.5)
-        k, v = (head_windows(t, nh_, ws, ows - ws) for t in (k, v))
+        p, inner = (ows - ws) // 2, nh_ * dh
+        qkv_conv = Conv1x1(3 * inner, self.bias, name="qkv")
+        out_conv = Conv1x1(c, self.bias, name="project_out")
         init = lambda key, shape: jax.random.normal(key, shape) * dh**-0.5
-        rel_h = self.param("rel_height", init, (2 * ows - 1, dh)).astype(q.dtype)
-        rel_w = self.param("rel_width", init, (2 * ows - 1, dh)).astype(q.dtype)
-        attend = functools.partial(_window_attend, rel_h=rel_h, rel_w=rel_w, ws=ws, ows=ows)
-        out = chunked_over_window_rows(attend, (q, k, v), ws * ws * nw)
-        out = out.reshape(b, nh, nw, nh_, ws, ws, dh).transpose(0, 1, 4, 2, 5, 3, 6)
-        return Conv1x1(c, self.bias, name="project_out")(out.reshape(b, h, w, inner))
+        rel_h = self.param("rel_height", init, (2 * ows - 1, dh)).astype(x.dtype)
+        rel_w = self.param("rel_width", init, (2 * ows - 1, dh)).astype(x.dtype)
+        out_conv(qkv_conv(x[:, :0])[..., :inner])  # creates the params outside any loop
+        qkv = qkv_conv.variables["params"]  # used in two parts: q and (k, v)
+        kernel = qkv["kernel"].astype(x.dtype)
+        bias = qkv["bias"].astype(x.dtype) if self.bias else jnp.zeros(3 * inner, x.dtype)
+
+        def attend(xb, row0):
+            # xb: rows row0 .. row0 + 8n + 2p of the padded x -> rows row0 .. row0 + 8n of out.
+            bn, n, nw = xb.shape[0], (xb.shape[1] - 2 * p) // ws, w // ws
+            q = pointwise(xb[:, p : p + n * ws, p : p + w], kernel[:, :inner]) + bias[:inner]
+            q = q.reshape(bn, n, ws, nw, ws, nh_, dh).transpose(0, 1, 3, 5, 2, 4, 6)
+            q = q.reshape(bn, n, nw, nh_, ws * ws, dh) * (dh**-0.5)
+            kv = pointwise(xb, kernel[:, inner:])  # zero at the padding, as 1x1 conv(0) = 0 ...
+            if self.bias:  # ... but for the bias: add it inside the image only
+                r = row0 + lax.broadcasted_iota(jnp.int32, (xb.shape[1], xb.shape[2], 1), 0)
+                col = lax.broadcasted_iota(jnp.int32, (xb.shape[1], xb.shape[2], 1), 1)
+                inside = (r >= p) & (r < p + h) & (col >= p) & (col < p + w)
+                kv = kv + inside.astype(kv.dtype) * bias[inner:]
+            k, v = (head_windows(t, nh_, ws, ows - ws) for t in jnp.split(kv, 2, axis=-1))
+            out = _window_attend(q, k, v, rel_h=rel_h, rel_w=rel_w, ws=ws, ows=ows)
+            out = out.reshape(bn, n, nw, nh_, ws, ws, dh).transpose(0, 1, 4, 2, 5, 3, 6)
+            return out_conv(out.reshape(bn, n * ws, w, inner))
+
+        logits_per_row = b * (w // ws) * nh_ * ws * ws * ows * ows
+        xp = pad_for_windows(x, ows - ws)
+        return over_window_row_bands(attend, xp, ws, ows - ws, logits_per_row)
 
 
-# Above this many query pixels per image, window attention runs a band of window rows at a
-# time: its (q, 144) logits then stay cache-sized (at 480x640 they are 350 MB per layer) and
-# large images cost per pixel what a 128² one does. Smaller inputs run in one piece.
-WINDOW_CHUNK_PIXELS = 16384
+# Window attention runs a band of window rows at a time when its logits (batch x windows x
+# heads x 64 x 144) would be over this many elements. XLA:CPU's fused attention keeps a
+# layer's logits in memory, and once they outgrow the cache (L3 is 32 MB here; the student's
+# 4-head SCFM attention has 9.4 M elements at 128²) it runs at a third of the speed; at
+# 480x640 the key/value windows (2.25x the keys) would also be built for the whole image
+# first. A band builds its own windows from a slice of the input and keeps both in cache.
+# Student forward, A/B in one process (medians): 128² 286 -> 253 ms, 512x640 6.59 -> 5.64 s
+# (with the sliced relative-position forward). On GPU/TPU a band loop would serialise work,
+# so there the limit only bounds memory (2 GB of logits).
+WINDOW_CHUNK_LOGITS = 2**21
+WINDOW_CHUNK_LOGITS_ACCELERATOR = 2**29
 
 
-def chunked_over_window_rows(fn, args, pixels_per_row: int, limit: int | None = None):
-    """fn(*args) on bands of window rows (axis 1 of every arg) when a row band is worth it.
+def window_chunk_limit() -> int:
+    """The band limit for the backend that jit compiles for by default."""
+    cpu = jax.default_backend() == "cpu"
+    return WINDOW_CHUNK_LOGITS if cpu else WINDOW_CHUNK_LOGITS_ACCELERATOR
 
-    The band is the largest divisor of the number of window rows that keeps a band at or
-    under `limit` (default WINDOW_CHUNK_PIXELS) query pixels per image; fn must act on each
-    window row independently, so the result is the same as one call.
+
+def over_window_row_bands(fn, xp, window: int, overlap: int, elements_per_row: int, limit=None):
+    """Window attention by bands of window rows, when a band is worth it.
+
+    xp (B, H + o, W + o, C) is the input padded by pad_for_windows; fn(xb, row0) maps its
+    rows row0 .. row0 + n*window + o (a band's windows with their overlap) to the band's
+    n*window output rows (B, n*window, W, C'). The band is the largest divisor n of the
+    H/window window rows whose `elements_per_row` (fn's large intermediate, the logits, per
+    window row) stay at or under `limit` (default: window_chunk_limit()); as fn treats
+    window rows independently, the result is the same as one call fn(xp, 0).
     """
-    limit = WINDOW_CHUNK_PIXELS if limit is None else limit
-    rows = args[0].shape[1]
-    if rows * pixels_per_row <= limit:
-        return fn(*args)
-    fits = [d for d in range(1, rows + 1) if rows % d == 0 and d * pixels_per_row <= limit]
-    band = max(fits, default=1)  # one row per band when even one row is over the limit
-    split = lambda t: jnp.moveaxis(t.reshape(t.shape[0], rows // band, band, *t.shape[2:]), 1, 0)
-    out = lax.map(lambda a: fn(*a), tuple(split(t) for t in args))
-    out = jnp.moveaxis(out, 0, 1)
-    return out.reshape(out.shape[0], rows, *out.shape[3:])
+    limit = window_chunk_limit() if limit is None else limit
+    height = xp.shape[1] - overlap
+    rows = height // window
+    if rows * elements_per_row <= limit:
+        return fn(xp, 0)
+    fits = [d for d in range(1, rows + 1) if rows % d == 0 and d * elements_per_row <= limit]
+    band = max(fits, default=1) * window  # one row per band when even one is over the limit
+    piece = lambda i: fn(lax.dynamic_slice_in_dim(xp, i * band, band + overlap, 1), i * band)
+    shape = jax.eval_shape(piece, 0)
+    # full_like keeps xp's device-variance under shard_map (jnp.zeros would not).
+    out = lax.full_like(xp, 0, shape.dtype, (shape.shape[0], height, *shape.shape[2:]))
+    body = lambda i, out: lax.dynamic_update_slice_in_dim(out, piece(i), i * band, 1)
+    return lax.fori_loop(0, height // band, body, out)
 
 
 def _rel_pos_logits_plain(q, rel_h, rel_w, ws: int, ows: int):
@@ -405,21 +445,35 @@ def _rel_pos_logits_plain(q, rel_h, rel_w, ws: int, ows: int):
     return (q @ rel_h.T)[..., rows, h_idx], (q @ rel_w.T)[..., rows, w_idx]
 
 
+def _rel_pos_logits_sliced(q, rel_h, rel_w, ws: int, ows: int):
+    # One product with both tables (each padded to an even row count: 2 x 24 columns suit
+    # the CPU's vectors), then for each query row x (column y) the static slice of rows
+    # i - x + ows - 1, i = 0 .. ows - 1: no gather. Half the time of the gather form.
+    n = 2 * ows
+    pad = lambda t: jnp.pad(t, ((0, n - t.shape[0]), (0, 0)))
+    p = q @ jnp.concatenate([pad(rel_h), pad(rel_w)]).T
+    p = p.reshape(*q.shape[:-2], ws, ws, 2 * n)  # (..., x, y, 2n)
+    lh = jnp.stack([p[..., x, :, ows - 1 - x : 2 * ows - 1 - x] for x in range(ws)], -3)
+    lw = jnp.stack([p[..., :, y, n + ows - 1 - y : n + 2 * ows - 1 - y] for y in range(ws)], -2)
+    return lh.reshape(*q.shape[:-1], ows), lw.reshape(*q.shape[:-1], ows)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def rel_pos_logits(q, rel_h, rel_w, ws: int, ows: int):
     """Relative-position logits q.rel_height[i - x + ows - 1], q.rel_width[j - y + ows - 1].
 
     q (..., ws*ws, d) with queries (x, y) row-major -> two (..., ws*ws, ows) tensors over key
-    rows i and key columns j. Forward: a product with the (2*ows - 1)-row tables, then a
-    gather. Backward: the same terms as dense products with the tables expanded per query
-    row/column (ws, ows, d), so that no scatter over the (..., ws*ws, 2*ows - 1) products is
-    needed (XLA:CPU's scatter-add cost ~0.3 s per student train step).
+    rows i and key columns j. Forward: a product with the (2*ows - 1)-row tables, then static
+    slices per query row/column (the same values as the gather of the plain form). Backward:
+    the same terms as dense products with the tables expanded per query row/column
+    (ws, ows, d), so that no scatter over the (..., ws*ws, 2*ows - 1) products is needed
+    (XLA:CPU's scatter-add cost ~0.3 s per student train step).
     """
-    return _rel_pos_logits_plain(q, rel_h, rel_w, ws, ows)
+    return _rel_pos_logits_sliced(q, rel_h, rel_w, ws, ows)
 
 
 def _rel_pos_logits_fwd(q, rel_h, rel_w, ws, ows):
-    return _rel_pos_logits_plain(q, rel_h, rel_w, ws, ows), (q, rel_h, rel_w)
+    return _rel_pos_logits_sliced(q, rel_h, rel_w, ws, ows), (q, rel_h, rel_w)
 
 
 def _rel_pos_logits_bwd(ws, ows, res, g):

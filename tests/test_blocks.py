@@ -38,7 +38,7 @@ def test_depthwise_shifted_form_equals_grouped_conv_forward_and_backward():
 def _naive_window_attention(x, p, heads, dh, ws=8, ows=12):
     """Per-query loops over the zero-padded overlapping key window (DESIGN §1, §10)."""
     b, h, w, c = x.shape
-    qkv = x @ p["qkv"]["kernel"]
+    qkv = x @ p["qkv"]["kernel"] + p["qkv"].get("bias", 0)  # padded after the bias
     q, k, v = np.split(qkv, 3, axis=-1)
     pad = (ows - ws) // 2
     kp = np.pad(k, ((0, 0), (pad, pad + ows), (pad, pad + ows), (0, 0)))
@@ -61,15 +61,24 @@ def _naive_window_attention(x, p, heads, dh, ws=8, ows=12):
                     a = np.exp(logit - logit.max())
                     a /= a.sum()
                     out[n, r, s, sl] = np.einsum("ij,ijd->d", a, vals)
-    return out @ p["project_out"]["kernel"]
+    return out @ p["project_out"]["kernel"] + p["project_out"].get("bias", 0)
 
 
-def test_window_attention_equals_naive_reference():
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("band_rows", [None, 1])
+def test_window_attention_equals_naive_reference(monkeypatch, bias, band_rows):
     heads, dh = 2, 4
-    x = np.random.default_rng(2).normal(size=(1, 16, 24, 6)).astype(np.float32)
-    mod = blocks.WindowAttention(heads, dh)
+    x = np.random.default_rng(2).normal(size=(1, 24, 16, 6)).astype(np.float32)
+    if band_rows:  # logits per window row: 2 windows x 2 heads x 64 x 144
+        monkeypatch.setattr(blocks, "WINDOW_CHUNK_LOGITS", band_rows * 2 * 2 * 64 * 144)
+    mod = blocks.WindowAttention(heads, dh, bias=bias)
     params = mod.init(jax.random.key(0), jnp.asarray(x))["params"]
-    got = np.asarray(mod.apply({"params": params}, jnp.asarray(x)))
+    if bias:  # torch's init draws biases near 0: make them count
+        params = {
+            k: {**v, "bias": v["bias"] + 0.5} if isinstance(v, dict) else v
+            for k, v in params.items()
+        }
+    got = np.asarray(jax.jit(mod.apply)({"params": params}, jnp.asarray(x)))
     ref = _naive_window_attention(x.astype(np.float64), jax.tree.map(np.asarray, params), heads, dh)
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
 
@@ -79,32 +88,41 @@ def test_window_attention_by_row_bands_equals_one_piece_with_grads(monkeypatch):
     mod = blocks.WindowAttention(2, 4)
     params = mod.init(jax.random.key(0), x)["params"]
     loss = lambda p, u: jnp.sum(jnp.sin(mod.apply({"params": p}, u)))
-    calls = []
-    real = blocks.lax.map
-    monkeypatch.setattr(blocks.lax, "map", lambda f, xs: calls.append(len(xs[0])) or real(f, xs))
+    loops = []
+    real = blocks.lax.fori_loop
+    monkeypatch.setattr(
+        blocks.lax, "fori_loop", lambda a, b, f, x: loops.append((a, b)) or real(a, b, f, x)
+    )
 
     def run(limit):
-        monkeypatch.setattr(blocks, "WINDOW_CHUNK_PIXELS", limit)
+        monkeypatch.setattr(blocks, "WINDOW_CHUNK_LOGITS", limit)
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
 
-    whole, banded = run(10**9), run(64 * 3 * 2)  # 5 window rows of 3 windows: bands of 1 row
-    assert calls == [5]
+    whole = run(10**9)
+    assert loops == []
+    banded = run(2 * 3 * 2 * 64 * 144)  # 5 window rows of 2 images x 3 windows x 2 heads
+    assert loops == [(0, 5)]  # bands of one row
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), whole, banded)
 
 
 def test_row_bands_are_the_largest_divisor_under_the_limit():
     seen = []
-    fn = lambda t: seen.append(t.shape) or t * 2
-    t = jnp.arange(2 * 12 * 3, dtype=jnp.float32).reshape(2, 12, 3)
-    out = blocks.chunked_over_window_rows(fn, (t,), pixels_per_row=10, limit=50)
-    np.testing.assert_array_equal(out, t * 2)
-    assert seen == [(2, 4, 3)]  # 12 rows in bands of 4 (5 would not divide 12)
+
+    def fn(xb, row0):  # window 2, overlap 2: output rows are the band's rows 1 .. -1
+        seen.append(xb.shape)
+        return xb[:, 1:-1] * 2 + 0 * row0
+
+    xp = jnp.arange(2 * 26 * 3, dtype=jnp.float32).reshape(2, 26, 3)  # 12 window rows of 2
+    out = blocks.over_window_row_bands(fn, xp, 2, 2, elements_per_row=10, limit=50)
+    np.testing.assert_array_equal(out, xp[:, 1:-1] * 2)
+    assert seen[-1] == (2, 4 * 2 + 2, 3)  # bands of 4 rows (5 would not divide 12) + overlap
     seen.clear()
-    blocks.chunked_over_window_rows(fn, (t,), pixels_per_row=10, limit=120)
-    assert seen == [(2, 12, 3)]  # fits: one piece, no loop
+    blocks.over_window_row_bands(fn, xp, 2, 2, elements_per_row=10, limit=120)
+    assert seen == [(2, 26, 3)]  # fits: one piece, no loop
     seen.clear()
-    blocks.chunked_over_window_rows(fn, (t,), pixels_per_row=10, limit=5)
-    assert seen == [(2, 1, 3)]  # one row is already over the limit: bands of one row
+    out = blocks.over_window_row_bands(fn, xp, 2, 2, elements_per_row=10, limit=5)
+    assert seen[-1] == (2, 1 * 2 + 2, 3)  # one row is already over the limit: bands of one
+    np.testing.assert_array_equal(out, xp[:, 1:-1] * 2)
 
 
 def test_channel_attention_equals_numpy_reference():
@@ -169,18 +187,20 @@ def test_layernorm_matches_definition():
 def test_head_windows_gather_equals_reshape_form_and_its_vjp():
     rng = np.random.default_rng(6)
     t = jnp.asarray(rng.normal(size=(2, 16, 24, 6)), jnp.float32)
-    got = blocks.head_windows(t, 2, 8, 4)
-    ref = blocks._head_windows_plain(t, 2, 8, 4)
+    tp = blocks.pad_for_windows(t, 4)
+    assert tp.shape == (2, 20, 28, 6)
+    got = blocks.head_windows(tp, 2, 8, 4)
+    ref = blocks._head_windows_plain(tp, 2, 8, 4)
     assert got.shape == (2, 2, 3, 2, 144, 3)
     np.testing.assert_array_equal(got, ref)
     g = jnp.asarray(rng.normal(size=got.shape), jnp.float32)
-    (dt,) = jax.vjp(lambda u: blocks.head_windows(u, 2, 8, 4), t)[1](g)
-    # Reference VJP: autodiff of a plain gather (a scatter-add).
+    (dt,) = jax.vjp(lambda u: blocks.head_windows(blocks.pad_for_windows(u, 4), 2, 8, 4), t)[1](g)
+    # Reference VJP: autodiff of a plain gather (a scatter-add) from the zero-padded input.
     rows = np.arange(2)[:, None] * 8 + np.arange(12)
     cols = np.arange(3)[:, None] * 8 + np.arange(12)
 
     def gather(u):
-        up = jnp.pad(u, ((0, 0), (2, 6), (2, 6), (0, 0)))
+        up = jnp.pad(u, ((0, 0), (2, 2), (2, 2), (0, 0)))
         w = up[:, rows[:, None, :, None], cols[None, :, None, :]]  # b, nh, nw, 12, 12, c
         return w.reshape(2, 2, 3, 144, 2, 3).transpose(0, 1, 2, 4, 3, 5)
 

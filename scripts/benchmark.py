@@ -255,7 +255,8 @@ def table(records: list[dict], cpu: bool = True) -> str:
         "torch ms: official PyTorch on the project CPU (DESIGN §11: torch 2.13, 2 threads, "
         "batch 1, fp32), shown on CPU only; * = its 448x640 figure (the official nets cannot "
         "take 480x640; ours pads to 512x640 and crops, included in the time)",
-        "GFLOPs: XLA cost analysis of the whole forward (elementwise ops and padding included); "
+        "GFLOPs: XLA cost analysis of the whole forward in one piece (elementwise ops and "
+        "padding included); "
         "DESIGN §2 counts conv/matmul only: student 16.3, teacher 110.5 at 128x128",
         "XLA MB: planned arguments + temporaries + outputs; peak MB: "
         + ("process RSS high-water mark" if cpu else "allocator peak so far in this process"),

@@ -261,3 +261,17 @@ def test_rel_pos_logits_dense_vjp_equals_gather_vjp(ws, ows):
     used[np.unique(blocks.rel_pos_index(ws, ows)[0])] = True
     assert np.all(np.any(np.asarray(grads[0][1]) != 0, axis=1) == used)
     assert not used.all()  # the 8x8-in-12x12 geometry never reaches the outer rows
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_window_attention_bands_only_on_cpu(monkeypatch, backend):
+    # On CPU a layer over the band limit becomes a loop over bands; on accelerators only the
+    # much larger memory limit applies, so the same layer stays one piece.
+    x = jnp.zeros((1, 32, 16, 6), jnp.float32)
+    mod = blocks.WindowAttention(2, 4)
+    params = mod.init(jax.random.key(0), x)
+    monkeypatch.setattr(blocks, "WINDOW_CHUNK_LOGITS", 2 * 2 * 64 * 144)  # one window row
+    monkeypatch.setattr(blocks.jax, "default_backend", lambda: backend)
+    jaxpr = str(jax.make_jaxpr(mod.apply)(params, x))
+    looped = "scan[" in jaxpr or "while[" in jaxpr  # fori_loop with static bounds is a scan
+    assert looped == (backend == "cpu")

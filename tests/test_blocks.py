@@ -275,3 +275,32 @@ def test_window_attention_bands_only_on_cpu(monkeypatch, backend):
     jaxpr = str(jax.make_jaxpr(mod.apply)(params, x))
     looped = "scan[" in jaxpr or "while[" in jaxpr  # fori_loop with static bounds is a scan
     assert looped == (backend == "cpu")
+
+
+def test_window_attention_bands_under_the_data_parallel_shard_map(monkeypatch):
+    # The band loop's carry must keep the batch's device-variance inside shard_map (4 fake
+    # devices), and the banded step must give the one-piece loss and gradients.
+    from jax.sharding import PartitionSpec
+
+    from dtpf_jax import parallel
+
+    mesh = parallel.make_mesh()
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(mesh.size, 32, 16, 6)), jnp.float32)
+    mod = blocks.WindowAttention(2, 4)
+    params = mod.init(jax.random.key(0), x[:1])["params"]
+
+    def step(p, u):
+        p = parallel.device_varying(p)
+        loss = lambda p, u: jnp.sum(jnp.sin(mod.apply({"params": p}, u)))
+        value, grads = jax.value_and_grad(loss)(p, u)
+        return jax.lax.psum((value, grads), parallel.DATA_AXIS)
+
+    def run(limit):
+        monkeypatch.setattr(blocks, "WINDOW_CHUNK_LOGITS", limit)
+        spec = (PartitionSpec(), PartitionSpec(parallel.DATA_AXIS))
+        fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=spec, out_specs=PartitionSpec()))
+        return "scan[" in str(jax.make_jaxpr(fn)(params, x)), fn(params, x)
+
+    (looped_whole, whole), (looped, banded) = run(10**9), run(2 * 2 * 64 * 144)
+    assert not looped_whole and looped  # one piece, then bands of one window row per device
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), whole, banded)

@@ -371,16 +371,17 @@ class WindowAttention(nn.Module):
         out_conv(qkv_conv(x[:, :0])[..., :inner])  # creates the params outside any loop
         qkv = qkv_conv.variables["params"]  # used in two parts: q and (k, v)
         kernel = qkv["kernel"].astype(x.dtype)
-        bias = qkv["bias"].astype(x.dtype) if self.bias else jnp.zeros(3 * inner, x.dtype)
+        bias = qkv["bias"].astype(x.dtype) if self.bias else None
 
         def attend(xb, row0):
             # xb: rows row0 .. row0 + 8n + 2p of the padded x -> rows row0 .. row0 + 8n of out.
             bn, n, nw = xb.shape[0], (xb.shape[1] - 2 * p) // ws, w // ws
-            q = pointwise(xb[:, p : p + n * ws, p : p + w], kernel[:, :inner]) + bias[:inner]
+            q = pointwise(xb[:, p : p + n * ws, p : p + w], kernel[:, :inner])
+            q = q if bias is None else q + bias[:inner]
             q = q.reshape(bn, n, ws, nw, ws, nh_, dh).transpose(0, 1, 3, 5, 2, 4, 6)
             q = q.reshape(bn, n, nw, nh_, ws * ws, dh) * (dh**-0.5)
             kv = pointwise(xb, kernel[:, inner:])  # zero at the padding, as 1x1 conv(0) = 0 ...
-            if self.bias:  # ... but for the bias: add it inside the image only
+            if bias is not None:  # ... but for the bias: add it inside the image only
                 r = row0 + lax.broadcasted_iota(jnp.int32, (xb.shape[1], xb.shape[2], 1), 0)
                 col = lax.broadcasted_iota(jnp.int32, (xb.shape[1], xb.shape[2], 1), 1)
                 inside = (r >= p) & (r < p + h) & (col >= p) & (col < p + w)

@@ -278,10 +278,8 @@ def test_window_attention_bands_only_on_cpu(monkeypatch, backend):
 
 
 def test_window_attention_bands_under_the_data_parallel_shard_map(monkeypatch):
-    # The band loop's carry must keep the batch's device-variance inside shard_map (4 fake
-    # devices), and the banded step must give the one-piece loss and gradients.
-    from jax.sharding import PartitionSpec
-
+    # Through the training steps' wrapper (4 fake devices): the band loop's carry must keep
+    # the batch's device-variance, and the banded step must give the one-piece loss and grads.
     from dtpf_jax import parallel
 
     mesh = parallel.make_mesh()
@@ -290,16 +288,14 @@ def test_window_attention_bands_under_the_data_parallel_shard_map(monkeypatch):
     params = mod.init(jax.random.key(0), x[:1])["params"]
 
     def step(p, u):
-        p = parallel.device_varying(p)
-        loss = lambda p, u: jnp.sum(jnp.sin(mod.apply({"params": p}, u)))
-        value, grads = jax.value_and_grad(loss)(p, u)
-        return jax.lax.psum((value, grads), parallel.DATA_AXIS)
+        local = lambda p: jnp.sum(jnp.sin(mod.apply({"params": parallel.device_varying(p)}, u)))
+        return jax.value_and_grad(lambda p: parallel.global_mean(local(p)))(p)
 
     def run(limit):
         monkeypatch.setattr(blocks, "WINDOW_CHUNK_LOGITS", limit)
-        spec = (PartitionSpec(), PartitionSpec(parallel.DATA_AXIS))
-        fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=spec, out_specs=PartitionSpec()))
-        return "scan[" in str(jax.make_jaxpr(fn)(params, x)), fn(params, x)
+        fn = parallel.data_parallel_step(step, mesh, num_args=2)
+        looped = "scan[" in str(jax.make_jaxpr(fn)(params, x))
+        return looped, fn(jax.tree.map(jnp.copy, params), x)  # argument 0 is donated
 
     (looped_whole, whole), (looped, banded) = run(10**9), run(2 * 2 * 64 * 144)
     assert not looped_whole and looped  # one piece, then bands of one window row per device

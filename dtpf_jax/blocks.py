@@ -349,7 +349,12 @@ def rel_pos_index(window: int, overlap_window: int) -> tuple[np.ndarray, np.ndar
 
 class WindowAttention(nn.Module):
     """SSAB attention (OCAB): 8x8 query windows, 12x12 zero-padded key/value windows,
-    1-D relative-position tables, no mask; inner width heads*dim_head independent of C."""
+    1-D relative-position tables, no mask; inner width heads*dim_head independent of C.
+
+    Any H, W: a partial last window row/column gets zero keys and values beyond the image,
+    as at every image border (the official unfold's padding), and its queries there are
+    dropped; for H, W multiples of the window this is the official layer exactly.
+    """
 
     heads: int
     dim_head: int
@@ -375,8 +380,8 @@ class WindowAttention(nn.Module):
 
         def attend(xb, row0):
             # xb: rows row0 .. row0 + 8n + 2p of the padded x -> rows row0 .. row0 + 8n of out.
-            bn, n, nw = xb.shape[0], (xb.shape[1] - 2 * p) // ws, w // ws
-            q = pointwise(xb[:, p : p + n * ws, p : p + w], kernel[:, :inner])
+            bn, n, nw = xb.shape[0], (xb.shape[1] - 2 * p) // ws, wr // ws
+            q = pointwise(xb[:, p : p + n * ws, p : p + wr], kernel[:, :inner])
             q = q if bias is None else q + bias[:inner]
             q = q.reshape(bn, n, ws, nw, ws, nh_, dh).transpose(0, 1, 3, 5, 2, 4, 6)
             q = q.reshape(bn, n, nw, nh_, ws * ws, dh) * (dh**-0.5)
@@ -389,11 +394,14 @@ class WindowAttention(nn.Module):
             k, v = (head_windows(t, nh_, ws, ows - ws) for t in jnp.split(kv, 2, axis=-1))
             out = _window_attend(q, k, v, rel_h=rel_h, rel_w=rel_w, ws=ws, ows=ows)
             out = out.reshape(bn, n, nw, nh_, ws, ws, dh).transpose(0, 1, 4, 2, 5, 3, 6)
-            return out_conv(out.reshape(bn, n * ws, w, inner))
+            return out_conv(out.reshape(bn, n * ws, wr, inner))
 
-        logits_per_row = b * (w // ws) * nh_ * ws * ws * ows * ows
-        xp = pad_for_windows(x, ows - ws)
-        return over_window_row_bands(attend, xp, ws, ows - ws, logits_per_row)
+        # Whole windows: hr x wr, the extra rows/columns zeros like the border padding.
+        hr, wr = -(-h // ws) * ws, -(-w // ws) * ws
+        logits_per_row = b * (wr // ws) * nh_ * ws * ws * ows * ows
+        xp = jnp.pad(x, ((0, 0), (p, p + hr - h), (p, p + wr - w), (0, 0)))
+        out = over_window_row_bands(attend, xp, ws, ows - ws, logits_per_row)
+        return out if (hr, wr) == (h, w) else out[:, :h, :w]
 
 
 # Window attention runs a band of window rows at a time when its logits (batch x windows x

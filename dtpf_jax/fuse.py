@@ -1,7 +1,8 @@
 """Fuse visible + infrared (or CT|PET|SPECT + MRI) pairs into 8-bit PNGs of the input's size.
 
     python -m dtpf_jax.fuse --vis DIR|FILE --ir DIR|FILE --out DIR [--weights NAME|PATH]
-        [--color rgb|ycbcr|gray] [--mode auto|full|tiles] [--html FILE]
+        [--color rgb|ycbcr|gray] [--mode auto|full|tiles] [--buckets auto|fine|coarse]
+        [--html FILE]
     python -m dtpf_jax.fuse --weights teacher.msgpack --text "Event Type: Low Light ..." ...
     python -m dtpf_jax.fuse              # built-in demo pair -> ./dtpf_demo/ (index.html)
 
@@ -190,6 +191,7 @@ def run(
     threshold: int,
     quiet: bool,
     tile_batch: int = 16,
+    buckets: str = "coarse",
 ):
     """Fuse every job and write its PNG atomically; returns Stats.
 
@@ -211,7 +213,7 @@ def run(
             job_mode = infer.pick_mode(mode, *job.size, threshold)
             stats.tiled += job_mode == "tiles"
             traces, t0 = fuser.trace_count, time.perf_counter()
-            fused = _fuse_one(job, model, vis, ir, emb, job_mode, tile_batch)
+            fused = _fuse_one(job, model, vis, ir, emb, job_mode, tile_batch, buckets)
             if fuser.trace_count > traces:  # this call compiled a new shape
                 stats.compiles += 1
                 stats.compile_s += time.perf_counter() - t0
@@ -230,9 +232,13 @@ def run(
     return stats
 
 
-def _fuse_one(job: Job, model: infer.Model, vis, ir, emb, mode: str, tiles: int) -> np.ndarray:
+def _fuse_one(
+    job: Job, model: infer.Model, vis, ir, emb, mode: str, tiles: int, buckets: str
+) -> np.ndarray:
     try:
-        return model.fuser(model.params, vis, ir, emb, mode=mode, tile_batch=tiles)[0]
+        return model.fuser(
+            model.params, vis, ir, emb, mode=mode, tile_batch=tiles, buckets=buckets
+        )[0]
     except (MemoryError, RuntimeError) as e:
         if "RESOURCE_EXHAUSTED" not in str(e) and not isinstance(e, MemoryError):
             raise
@@ -292,6 +298,14 @@ def _parser() -> argparse.ArgumentParser:
         f"{infer.MAX_FULL_PIXELS}; 0 = never)",
     )
     p.add_argument("--tile-batch", type=int, default=16, metavar="N", help="tiles per call")
+    p.add_argument(
+        "--buckets",
+        default="auto",
+        choices=("auto", *infer.BUCKETS),
+        help="full mode pads each image to a shape bucket, compiled once per shape: fine "
+        "(multiples of 32: least padding), coarse (64, or 128 above 256: fewest compiles); "
+        "auto (default): whichever costs less for these images",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--html", metavar="FILE", help="also write a vis | ir | fused HTML page")
     p.add_argument("--demo", action="store_true", help="fuse the built-in demo pair")
@@ -354,8 +368,20 @@ def fuse_main(args) -> int:
             f"note: {len(big)} images above {threshold} pixels run in tiles mode (bounded "
             f"memory), e.g. {big[0].vis}; --max-full-pixels N changes the threshold"
         )
+    buckets = args.buckets
+    if buckets == "auto":
+        full = [j.size for j in jobs if infer.pick_mode(args.mode, *j.size, threshold) == "full"]
+        buckets = infer.choose_buckets(full)
     stats = run(
-        jobs, model, embs, args.mode, args.color, threshold, args.quiet, max(1, args.tile_batch)
+        jobs,
+        model,
+        embs,
+        args.mode,
+        args.color,
+        threshold,
+        args.quiet,
+        max(1, args.tile_batch),
+        buckets,
     )
     label = "untrained network, random init" if not model.trained else model.source
     if args.html:
@@ -365,7 +391,7 @@ def fuse_main(args) -> int:
         atomic_write(args.html, page)
         print(f"page: {pathlib.Path(args.html).resolve()}")
     print(
-        f"compile: {stats.compiles} new shape{'s' * (stats.compiles != 1)}, "
+        f"compile: {stats.compiles} new shape{'s' * (stats.compiles != 1)} ({buckets} buckets), "
         f"{stats.compile_s:.1f} s (first image of each shape, not counted in images/s)"
     )
     ips = f"{stats.images_per_s:.2f}" if stats.images > stats.compiles else "n/a"

@@ -31,21 +31,48 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from dtpf_jax import color as colorspace
 from dtpf_jax import networks
-from dtpf_jax.networks import SIZE_MULTIPLE, build_model
+from dtpf_jax.networks import build_model
 
 TILE = 128
 STRIDE = 64
 SIGMA = 32.0
 
 
-def bucket_size(
-    n: int, multiple: int = SIZE_MULTIPLE, coarse_above: int = 256, coarse: int = 128
-) -> int:
-    """Padded length for n: a multiple of 64, and of 128 above 256 (fewer compiles)."""
-    m = max(multiple, math.ceil(n / multiple) * multiple)
-    if m > coarse_above:
-        m = math.ceil(m / coarse) * coarse
-    return m
+BUCKETS = ("coarse", "fine")
+FINE_MULTIPLE = 32
+# A new shape costs a compile; on this CPU the student's (30-60 s) is worth about this many
+# pixels of its run time (~18 us a pixel), the teacher's alike. choose_buckets weighs the two.
+COMPILE_PIXELS = 1_500_000
+
+
+def bucket_size(n: int, buckets: str = "coarse") -> int:
+    """Padded length for n (the network takes any multiple of networks.SIZE_MULTIPLE).
+
+    'coarse': a multiple of 64, and of 128 above 256 (few shapes, so few compiles, for a
+    folder of mixed sizes; 480 pads to 512); 'fine': a multiple of 32 (least padding, a
+    compile per distinct size; 480x640 runs as is).
+    """
+    if buckets == "fine":
+        return max(FINE_MULTIPLE, math.ceil(n / FINE_MULTIPLE) * FINE_MULTIPLE)
+    if buckets != "coarse":
+        raise ValueError(f"unknown buckets {buckets!r}; use one of {', '.join(BUCKETS)}")
+    m = max(64, math.ceil(n / 64) * 64)
+    return math.ceil(m / 128) * 128 if m > 256 else m
+
+
+def choose_buckets(sizes: Sequence[tuple[int, int]]) -> str:
+    """'fine' or 'coarse' for a run over images of these (H, W) sizes, whichever costs less:
+    compiles (COMPILE_PIXELS each, one per distinct padded shape) plus padded pixels run.
+
+    A folder of one size (MSRS, M3FD, Harvard) gets 'fine'; RoadScene's hundreds of odd
+    sizes get 'coarse' (11 shapes instead of ~60).
+    """
+
+    def cost(buckets: str) -> int:
+        shapes = [(bucket_size(h, buckets), bucket_size(w, buckets)) for h, w in sizes]
+        return len(set(shapes)) * COMPILE_PIXELS + sum(a * b for a, b in shapes)
+
+    return "fine" if cost("fine") <= cost("coarse") else "coarse"
 
 
 def _reflect_pad(x: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -75,21 +102,33 @@ class Fuser:
         t = np.asarray(text_emb, np.float32).reshape(-1, self.text_dim)
         return np.broadcast_to(t, (batch, self.text_dim)) if t.shape[0] == 1 else t
 
-    def __call__(self, params, vis, ir, text_emb=None, mode: str = "full", tile_batch: int = 16):
-        """vis (B, H, W, 3), ir (B, H, W, 1) float in [0, 1] -> fused (B, H, W, 3) in [0, 1]."""
+    def __call__(
+        self,
+        params,
+        vis,
+        ir,
+        text_emb=None,
+        mode: str = "full",
+        tile_batch: int = 16,
+        buckets: str = "coarse",
+    ):
+        """vis (B, H, W, 3), ir (B, H, W, 1) float in [0, 1] -> fused (B, H, W, 3) in [0, 1].
+
+        Mode 'full' pads to the shape bucket (`bucket_size`) of `buckets`.
+        """
         vis, ir = _as_batch(vis, 3), _as_batch(ir, 1)
         if vis.shape[:3] != ir.shape[:3]:
             raise ValueError(f"visible {vis.shape[1:3]} and infrared {ir.shape[1:3]} sizes differ")
         text = self._text(text_emb, vis.shape[0])
         if mode == "full":
-            return self._full(params, vis, ir, text)
+            return self._full(params, vis, ir, text, buckets)
         if mode == "tiles":
             return self._tiles(params, vis, ir, text, tile_batch)
         raise ValueError(f"unknown mode {mode!r}; use 'full' or 'tiles'")
 
-    def _full(self, params, vis, ir, text):
+    def _full(self, params, vis, ir, text, buckets):
         b, h, w, _ = vis.shape
-        hp, wp = bucket_size(h), bucket_size(w)
+        hp, wp = bucket_size(h, buckets), bucket_size(w, buckets)
         out = self._apply(params, _reflect_pad(vis, hp, wp), _reflect_pad(ir, hp, wp), text)
         return np.asarray(out)[:, :h, :w]
 
@@ -358,12 +397,15 @@ def fuse_images(
     mode: str = "full",
     color: str = "rgb",
     clip: str = DEFAULT_CLIP,
+    buckets: str = "coarse",
 ):
     """Fuse one pair (PIL images, (H, W[, C]) arrays) or a batch ((B, H, W, C) arrays).
 
     Visible / A: RGB, RGBA or gray; infrared / B: gray (RGB is turned into BT.601 luma).
     Arrays may be uint8, uint16 or float in [0, 1]. Returns PIL for PIL input, float32 in
     [0, 1] for float input, else uint8; (H, W, 3), or (H, W) for color='gray'.
+    buckets: 'coarse' (default; few compiled shapes when called over images of many sizes)
+    or 'fine' (less padding: faster for images of one size, e.g. 480x640 runs unpadded).
     """
     from PIL import Image
 
@@ -376,7 +418,8 @@ def fuse_images(
         raise ValueError(f"visible {v.shape[:3]} and infrared {i.shape[:3]} sizes differ")
     emb = text_embedding(model, text, v.shape[0], clip)
     run_mode = pick_mode(mode, v.shape[1], v.shape[2])
-    out = apply_color(model.fuser(model.params, v, i, emb, mode=run_mode), v, color)
+    fused = model.fuser(model.params, v, i, emb, mode=run_mode, buckets=buckets)
+    out = apply_color(fused, v, color)
     out = out[0] if single else out
     if floats:
         return out.astype(np.float32)

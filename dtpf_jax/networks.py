@@ -26,8 +26,9 @@ from dtpf_jax.blocks import (
     Upsample,
 )
 
-# H and W must be multiples of this: three 2x downsamplings, then 8x8 windows.
-SIZE_MULTIPLE = 64
+# H and W must be multiples of this: three 2x downsamplings (the window attention pads a
+# partial last window row/column itself).
+SIZE_MULTIPLE = 8
 
 
 def model_config(kind: str = "student") -> ml_collections.ConfigDict:
@@ -157,7 +158,7 @@ class FusionNet(nn.Module):
 
     @nn.compact
     def __call__(self, vis, ir, text_emb=None, return_features: bool = False):
-        """vis (B, H, W, 3), ir (B, H, W, 1) in [0, 1], H and W multiples of 64."""
+        """vis (B, H, W, 3), ir (B, H, W, 1) in [0, 1], H and W multiples of 8."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
         vis, ir = vis.astype(dtype), ir.astype(dtype)

@@ -66,9 +66,10 @@ def _naive_window_attention(x, p, heads, dh, ws=8, ows=12):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("band_rows", [None, 1])
-def test_window_attention_equals_naive_reference(monkeypatch, bias, band_rows):
+@pytest.mark.parametrize("size", [(24, 16), (21, 13)])  # whole windows; partial last ones
+def test_window_attention_equals_naive_reference(monkeypatch, bias, band_rows, size):
     heads, dh = 2, 4
-    x = np.random.default_rng(2).normal(size=(1, 24, 16, 6)).astype(np.float32)
+    x = np.random.default_rng(2).normal(size=(1, *size, 6)).astype(np.float32)
     if band_rows:  # logits per window row: 2 windows x 2 heads x 64 x 144
         monkeypatch.setattr(blocks, "WINDOW_CHUNK_LOGITS", band_rows * 2 * 2 * 64 * 144)
     mod = blocks.WindowAttention(heads, dh, bias=bias)

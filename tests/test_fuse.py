@@ -317,3 +317,17 @@ def test_no_arguments_runs_the_builtin_demo(tmp_path):
         assert img.mode == "RGB" and img.size == demo.DEMO_SIZE[::-1]
     assert (folder / "index.html").read_text().count("data:image/png;base64") == 3
     assert "done: 1 images" in r.stdout and str(folder / "fused") in r.stdout
+
+
+@pytest.mark.parametrize("flag, picked", [(None, "fine"), ("coarse", "coarse")])
+def test_buckets_auto_picks_fine_for_one_size(tmp_path, weights, capsys, flag, picked):
+    for n in ("a", "b"):  # 40x70: fine bucket 64x96, coarse 64x128
+        _save(tmp_path / "vis" / f"{n}.png", _vis(40, 70))
+        _save(tmp_path / "ir" / f"{n}.png", _ir(40, 70))
+    args = ["--vis", str(tmp_path / "vis"), "--ir", str(tmp_path / "ir"), "--quiet"]
+    args += ["--out", str(tmp_path / "out"), "--weights", str(weights / "student.msgpack")]
+    assert fuse.main(args + (["--buckets", flag] if flag else [])) == 0
+    assert f"({picked} buckets)" in capsys.readouterr().out
+    for n in ("a", "b"):
+        with Image.open(tmp_path / "out" / f"{n}.png") as img:
+            assert img.size == (70, 40)

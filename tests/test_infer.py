@@ -18,18 +18,29 @@ def _smooth_pair(h, w, b=1):
 
 
 def test_bucket_sizes():
-    assert [infer.bucket_size(n) for n in (1, 64, 65, 191, 256, 257, 384, 385, 480, 640)] == [
-        64,
-        64,
-        128,
-        192,
-        256,
-        384,
-        384,
-        512,
-        512,
-        640,
-    ]
+    sizes = (1, 64, 65, 191, 256, 257, 384, 385, 480, 640)
+    coarse = [64, 64, 128, 192, 256, 384, 384, 512, 512, 640]
+    assert [infer.bucket_size(n) for n in sizes] == coarse  # the default
+    assert [infer.bucket_size(n, "coarse") for n in sizes] == coarse
+    fine = [32, 64, 96, 192, 256, 288, 384, 416, 480, 640]
+    assert [infer.bucket_size(n, "fine") for n in sizes] == fine
+    with pytest.raises(ValueError, match="unknown buckets"):
+        infer.bucket_size(10, "exact")
+
+
+def test_choose_buckets_weighs_compiles_against_padding():
+    assert infer.choose_buckets([(480, 640)] * 20) == "fine"  # one shape either way
+    # RoadScene-like: many odd sizes, few coarse shapes.
+    mixed = [(200 + 7 * k, 400 + 11 * k) for k in range(40)]
+    fine = {(infer.bucket_size(h, "fine"), infer.bucket_size(w, "fine")) for h, w in mixed}
+    coarse = {(infer.bucket_size(h), infer.bucket_size(w)) for h, w in mixed}
+    assert len(fine) >= 20 and len(coarse) <= 6
+    assert infer.choose_buckets(mixed) == "coarse"
+    # Two sizes sharing a coarse bucket: fine costs one more compile, which 2 images of
+    # 480x640 (2 x 32 padded rows) do not repay, but many do.
+    two = [(480, 640), (500, 640)]
+    assert infer.choose_buckets(two) == "coarse"
+    assert infer.choose_buckets(two * 200) == "fine"
 
 
 def test_tile_starts_cover_the_image():
@@ -48,6 +59,19 @@ def test_odd_sizes_come_back_at_their_size_and_in_range(tiny_student):
     assert out.dtype == np.float32 and out.min() >= 0.0 and out.max() <= 1.0
     # 2-D / 3-D inputs are accepted as a batch of one.
     assert fuse(params, vis[0], ir[0, ..., 0]).shape == (1, 37, 91, 3)
+
+
+def test_fine_buckets_run_partial_windows_at_the_images_size(tiny_student):
+    cfg, params = tiny_student
+    fuse = infer.Fuser(cfg)
+    vis, ir = _smooth_pair(37, 91)
+    coarse = fuse(params, vis, ir)  # 64 x 128
+    fine = fuse(params, vis, ir, buckets="fine")  # 64 x 96: windows past the edge at levels 3-4
+    assert fuse.trace_count == 2 and fine.shape == coarse.shape == (1, 37, 91, 3)
+    assert np.isfinite(fine).all() and fine.min() >= 0.0 and fine.max() <= 1.0
+    # The same network on a differently padded input: close, not equal (TSAB's channel
+    # statistics and the border windows see the padding).
+    assert 0 < np.abs(fine - coarse).mean() < 0.05
 
 
 def test_jit_compiles_once_per_bucket(tiny_student):

@@ -178,6 +178,34 @@ def _dw_bwd(res, g):
 depthwise_conv3x3.defvjp(_dw_fwd, _dw_bwd)
 
 
+@jax.custom_vjp
+def depthwise_conv3x3_padded(xp, w):
+    """depthwise_conv3x3 of an input already zero-padded by 1: xp (B, H + 2, W + 2, C)."""
+    h, wd = xp.shape[1] - 2, xp.shape[2] - 2
+    return _shift_sum(xp, w, h, wd)
+
+
+def _dwp_fwd(xp, w):
+    return depthwise_conv3x3_padded(xp, w), (xp, w)
+
+
+def _dwp_bwd(res, g):
+    xp, w = res
+    h, wd = g.shape[1:3]
+    # d/dxp of sum_ij xp[i:i+h, j:j+w] w_ij: g padded by 2, correlated with the flipped kernel.
+    dxp = _shift_sum(jnp.pad(g, ((0, 0), (2, 2), (2, 2), (0, 0))), w[::-1, ::-1], h + 2, wd + 2)
+    dw = jnp.stack(
+        [
+            jnp.stack([jnp.sum(xp[:, i : i + h, j : j + wd] * g, axis=(0, 1, 2)) for j in range(3)])
+            for i in range(3)
+        ]
+    )
+    return dxp, dw.astype(w.dtype)
+
+
+depthwise_conv3x3_padded.defvjp(_dwp_fwd, _dwp_bwd)
+
+
 def depthwise_conv3x3_plain(x, w):
     """Reference: XLA grouped convolution (slow on CPU, used by tests)."""
     return lax.conv_general_dilated(
@@ -191,15 +219,27 @@ def depthwise_conv3x3_plain(x, w):
 
 
 class DWConv3x3(nn.Module):
-    """Depthwise 3x3 conv, no bias; kernel (3, 3, C)."""
+    """Depthwise 3x3 conv, no bias; kernel (3, 3, C). padded=True: x is already zero-padded
+    by 1 on each side (as `project_dwconv` makes it) and the output is 2 rows/cols smaller."""
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, padded: bool = False):
         c = x.shape[-1]
         kernel = self.param(
             "kernel", lambda k, s: torch_kernel_init(k, s[:2] + (1, s[2]))[:, :, 0], (3, 3, c)
         )
-        return depthwise_conv3x3(x, kernel.astype(x.dtype))
+        conv = depthwise_conv3x3_padded if padded else depthwise_conv3x3
+        return conv(x, kernel.astype(x.dtype))
+
+
+def project_dwconv(x, project: Conv1x1, dwconv: DWConv3x3):
+    """dwconv(project(x)) for a 1x1 conv without bias: the depthwise conv's zero padding is
+    applied to x, before the 1x1 conv (which maps zeros to zeros), instead of to the wider
+    output (2-3x the channels): one smaller copy, and the product writes the padded tensor.
+    """
+    if project.use_bias:
+        return dwconv(project(x))
+    return dwconv(project(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))), padded=True)
 
 
 class LayerNorm(nn.Module):
@@ -256,7 +296,7 @@ class ChannelAttention(nn.Module):
     @nn.compact
     def __call__(self, x):
         b, h, w, c = x.shape
-        qkv = DWConv3x3(name="qkv_dwconv")(Conv1x1(3 * c, self.bias, name="qkv")(x))
+        qkv = project_dwconv(x, Conv1x1(3 * c, self.bias, name="qkv"), DWConv3x3(name="qkv_dwconv"))
         # Materialise q, k, v once: otherwise XLA recomputes the 9-tap conv inside each of the
         # five fusions that read a slice of it.
         qkv = lax.optimization_barrier(qkv)
@@ -524,7 +564,8 @@ class FeedForward(nn.Module):
     def __call__(self, x):
         c = x.shape[-1]
         hidden = int(c * self.expansion)
-        y = DWConv3x3(name="dwconv")(Conv1x1(2 * hidden, self.bias, name="project_in")(x))
+        project_in = Conv1x1(2 * hidden, self.bias, name="project_in")
+        y = project_dwconv(x, project_in, DWConv3x3(name="dwconv"))
         x1, x2 = jnp.split(y, 2, axis=-1)
         return Conv1x1(c, self.bias, name="project_out")(gelu(x1) * x2)
 

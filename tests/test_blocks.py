@@ -35,6 +35,50 @@ def test_depthwise_shifted_form_equals_grouped_conv_forward_and_backward():
     np.testing.assert_allclose(dw, rw, atol=1e-4)
 
 
+def test_depthwise_of_a_padded_input_equals_grouped_conv_forward_and_backward():
+    rng = np.random.default_rng(3)
+    xp = jnp.asarray(rng.normal(size=(2, 11, 9, 5)), jnp.float32)  # any values in the border
+    w = jnp.asarray(rng.normal(size=(3, 3, 5)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 9, 7, 5)), jnp.float32)
+    valid = lambda xp, w: jax.lax.conv_general_dilated(  # no padding: the input is padded
+        xp,
+        w[:, :, None, :],
+        (1, 1),
+        ((0, 0), (0, 0)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=5,
+    )
+    np.testing.assert_allclose(blocks.depthwise_conv3x3_padded(xp, w), valid(xp, w), atol=1e-5)
+    loss = lambda f: lambda xp, w: jnp.sum(f(xp, w) * g)
+    dxp, dw = jax.grad(loss(blocks.depthwise_conv3x3_padded), (0, 1))(xp, w)
+    rxp, rw = jax.grad(loss(valid), (0, 1))(xp, w)
+    np.testing.assert_allclose(dxp, rxp, atol=1e-4)  # the border rows/cols too
+    np.testing.assert_allclose(dw, rw, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_project_dwconv_pads_before_the_1x1_conv_with_grads(bias):
+    """The FFN / TSAB input path: equal to the 1x1 conv then the padded depthwise conv."""
+
+    class Both(blocks.nn.Module):
+        fused: bool
+
+        @blocks.nn.compact
+        def __call__(self, x):
+            p, d = blocks.Conv1x1(12, bias, name="p"), blocks.DWConv3x3(name="d")
+            return blocks.project_dwconv(x, p, d) if self.fused else d(p(x))
+
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 10, 6, 4)), jnp.float32)
+    params = Both(True).init(jax.random.key(0), x)["params"]
+    if bias:
+        params["p"]["bias"] = params["p"]["bias"] + 0.5  # a bias must not leak into the padding
+    loss = lambda fused: lambda p, x: jnp.sum(jnp.sin(Both(fused).apply({"params": p}, x)))
+    (got, g_got), (ref, g_ref) = (jax.value_and_grad(loss(f), (0, 1))(params, x) for f in (1, 0))
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
 def _naive_window_attention(x, p, heads, dh, ws=8, ows=12):
     """Per-query loops over the zero-padded overlapping key window (DESIGN §1, §10)."""
     b, h, w, c = x.shape

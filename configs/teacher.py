@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.eval_every = 1000  # validate (and save a ranked checkpoint) every N steps and at
     #   the end; 0 = never (checkpoints are then kept by recency only)
-    config.val_mode = "full"  # 'full': whole images padded to a multiple of 64 | 'tiles':
+    config.val_mode = "full"  # 'full': whole images padded to a (coarse) shape bucket | 'tiles':
     #   the official 128² sliding window
     config.val_convention = "clean"  # metrics.CONVENTIONS; named in logs and tensorboard tags
     config.checkpoint_every = 500  # unranked checkpoint every N steps (0 = only at validation)

@@ -51,6 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.batch_size = 16  # global batch (official: 4 per GPU x 4 GPUs); divisible by devices
     config.steps = 30_000  # optimizer steps (~1000 epochs of the ~500 training pairs)
+    # Wall-clock limit: the step at which this many seconds have passed since the training loop
+    # began (the step's compile included) is treated as the last (validated, saved); 0 = off.
+    config.max_train_s = 0.0
     config.seed = 3407  # init, shuffling and augmentation (official seed)
 
     config.optimizer = ml_collections.ConfigDict()

@@ -21,6 +21,7 @@ import logging as std_logging
 import os
 import pathlib
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -396,6 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         logging.info("already at step %d of %d: nothing to train", start, config.steps)
     reporter = Reporter(config, workdir, start, make_schedule(config), len(pairs))
     last_good = f"step {start} in {mngr.directory}" if start else "none"
+    max_s, t_loop = float(config.get("max_train_s", 0.0)), time.monotonic()
     try:
         for step in range(start + 1, config.steps + 1):
             batch = next(train_iter)
@@ -403,11 +405,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 state, step_metrics = step_fn(state, *frozen, batch)
             # Metrics are read one step late so that the device is never idle waiting for us.
             reporter.push(step, step_metrics, last_good)
-            evaluate = bool(config.eval_every) and (
-                step % config.eval_every == 0 or step == config.steps
-            )
+            timed_out = max_s > 0 and time.monotonic() - t_loop >= max_s
+            last = step == config.steps or timed_out
+            evaluate = bool(config.eval_every) and (step % config.eval_every == 0 or last)
             periodic = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-            if evaluate or periodic or step == config.steps:
+            if evaluate or periodic or last:
                 reporter.flush(last_good)  # a non-finite step must never be saved
                 with reporter.paused():
                     quality = None
@@ -417,6 +419,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         reporter.validation(step, scores, quality, grid, len(val_ds))
                     checkpoint.save_train_state(mngr, step, state, train_iter, quality)
                 last_good = f"step {step} in {mngr.directory}"
+            if timed_out and step < config.steps:
+                logging.info(
+                    "max_train_s: %.0f s passed; stopping at step %d of %d (a rerun resumes)",
+                    max_s,
+                    step,
+                    config.steps,
+                )
+                break
     finally:
         mngr.wait_until_finished()
         mngr.close()

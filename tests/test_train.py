@@ -8,11 +8,13 @@ per session and compiled two at a time; the resume and non-finite tests reuse th
 import concurrent.futures
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -246,9 +248,9 @@ def test_shared_msrs_validation_scene_is_not_trained_on(shared_data):
 def tiny_run(tmp_path, monkeypatch, programs):
     """A teacher smoke run on 8 synthetic pairs that reuses the session's compiled step.
 
-    Returns run(workdir, fault=None, init_weights="", initial=None) -> (batch digests by step,
-    error or None); fault(step, batch) may raise or return a replacement batch; initial replaces
-    the initial state.
+    Returns run(workdir, fault=None, init_weights="", initial=None, max_train_s=0.0) -> (batch
+    digests by step, error or None); fault(step, batch) may raise or return a replacement
+    batch; initial replaces the initial state.
     """
     _write_pairs(tmp_path / "data" / "d", [f"p{i}" for i in range(8)])
     cfg, state0, compiled = programs["teacher", "adamw", 4]
@@ -256,9 +258,9 @@ def tiny_run(tmp_path, monkeypatch, programs):
     cfg.data.root, cfg.data.train, cfg.data.val = str(tmp_path / "data"), ("d",), ()
     cfg.eval_every, cfg.checkpoint_every = 0, 2
 
-    def run(workdir, fault=None, init_weights="", initial=None):
+    def run(workdir, fault=None, init_weights="", initial=None, max_train_s=0.0):
         seen = {}
-        cfg.init_weights = str(init_weights)
+        cfg.init_weights, cfg.max_train_s = str(init_weights), max_train_s
         first = state0 if initial is None else initial
         monkeypatch.setattr(train, "init_state", lambda c, mesh: parallel.replicate(first, mesh))
 
@@ -297,6 +299,17 @@ def test_killed_run_resumes_with_the_same_batches_and_params(tmp_path, tiny_run)
     jax.tree.map(
         lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-7), _host(a), _host(b)
     )
+
+
+def test_max_train_s_stops_on_time_with_a_checkpoint_and_resumes(tmp_path, tiny_run, monkeypatch):
+    clock = itertools.count(0.0, 10.0)  # each reading 10 s later: the loop start, then a step
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    seen, err = tiny_run(tmp_path / "run", max_train_s=25.0)  # 30 s >= 25 s after step 3
+    assert err is None and sorted(seen) == [1, 2, 3]
+    _, _, meta = export.restore_network(tmp_path / "run", 3)  # saved although not periodic
+    assert meta["step"] == 3
+    rest, err = tiny_run(tmp_path / "run")  # no limit: resumes at step 4 of 4
+    assert err is None and sorted(rest) == [4]
 
 
 def test_init_weights_starts_the_network_from_a_file_with_a_fresh_optimizer(

@@ -166,13 +166,14 @@ def _dw_bwd(res, g):
     # The transpose of a correlation is the correlation with the flipped kernel.
     dx = _shift_sum(jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0))), w[::-1, ::-1], h, wd)
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dw = jnp.stack(
-        [
-            jnp.stack([jnp.sum(xp[:, i : i + h, j : j + wd] * g, axis=(0, 1, 2)) for j in range(3)])
-            for i in range(3)
-        ]
-    )
-    return dx, dw.astype(w.dtype)
+    return dx, _dw_kernel_grad(xp, g).astype(w.dtype)
+
+
+def _dw_kernel_grad(xp, g):
+    """d/dw of sum(g * shift_sum(xp, w)): (3, 3, C)."""
+    h, wd = g.shape[1:3]
+    tap = lambda i, j: jnp.sum(xp[:, i : i + h, j : j + wd] * g, axis=(0, 1, 2))
+    return jnp.stack([jnp.stack([tap(i, j) for j in range(3)]) for i in range(3)])
 
 
 depthwise_conv3x3.defvjp(_dw_fwd, _dw_bwd)
@@ -194,13 +195,7 @@ def _dwp_bwd(res, g):
     h, wd = g.shape[1:3]
     # d/dxp of sum_ij xp[i:i+h, j:j+w] w_ij: g padded by 2, correlated with the flipped kernel.
     dxp = _shift_sum(jnp.pad(g, ((0, 0), (2, 2), (2, 2), (0, 0))), w[::-1, ::-1], h + 2, wd + 2)
-    dw = jnp.stack(
-        [
-            jnp.stack([jnp.sum(xp[:, i : i + h, j : j + wd] * g, axis=(0, 1, 2)) for j in range(3)])
-            for i in range(3)
-        ]
-    )
-    return dxp, dw.astype(w.dtype)
+    return dxp, _dw_kernel_grad(xp, g).astype(w.dtype)
 
 
 depthwise_conv3x3_padded.defvjp(_dwp_fwd, _dwp_bwd)

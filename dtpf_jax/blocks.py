@@ -309,10 +309,12 @@ class ChannelAttention(nn.Module):
         return Conv1x1(c, self.bias, name="project_out")(out)
 
 
-def pad_for_windows(t, overlap: int):
-    """The zero padding of the key/value windows: overlap/2 on every side (DESIGN §10)."""
+def pad_for_windows(t, overlap: int, window: int = 1):
+    """The zero padding of the key/value windows: overlap/2 on every side (DESIGN §10), and
+    at the bottom/right up to whole windows of `window` (zeros like any border)."""
     p = overlap // 2
-    return jnp.pad(t, ((0, 0), (p, p), (p, p), (0, 0)))
+    eh, ew = -t.shape[1] % window, -t.shape[2] % window
+    return jnp.pad(t, ((0, 0), (p, p + eh), (p, p + ew), (0, 0)))
 
 
 def overlap_windows(tp, window: int, overlap: int):
@@ -431,10 +433,9 @@ class WindowAttention(nn.Module):
             out = out.reshape(bn, n, nw, nh_, ws, ws, dh).transpose(0, 1, 4, 2, 5, 3, 6)
             return out_conv(out.reshape(bn, n * ws, wr, inner))
 
-        # Whole windows: hr x wr, the extra rows/columns zeros like the border padding.
-        hr, wr = -(-h // ws) * ws, -(-w // ws) * ws
+        hr, wr = -(-h // ws) * ws, -(-w // ws) * ws  # whole windows
         logits_per_row = b * (wr // ws) * nh_ * ws * ws * ows * ows
-        xp = jnp.pad(x, ((0, 0), (p, p + hr - h), (p, p + wr - w), (0, 0)))
+        xp = pad_for_windows(x, ows - ws, ws)
         out = over_window_row_bands(attend, xp, ws, ows - ws, logits_per_row)
         return out if (hr, wr) == (h, w) else out[:, :h, :w]
 

@@ -159,6 +159,11 @@ class FusionNet(nn.Module):
     @nn.compact
     def __call__(self, vis, ir, text_emb=None, return_features: bool = False):
         """vis (B, H, W, 3), ir (B, H, W, 1) in [0, 1], H and W multiples of 8."""
+        if vis.shape[1] % SIZE_MULTIPLE or vis.shape[2] % SIZE_MULTIPLE:
+            raise ValueError(
+                f"image size {vis.shape[1]}x{vis.shape[2]}: H and W must be multiples of "
+                f"{SIZE_MULTIPLE}; pad first (infer.Fuser and fuse_images pad any size)"
+            )
         c = self.config
         dtype = jnp.dtype(c.dtype)
         vis, ir = vis.astype(dtype), ir.astype(dtype)

@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dtpf_jax import infer
+from dtpf_jax import infer, networks
 
 
 def _smooth_pair(h, w, b=1):
@@ -72,6 +72,13 @@ def test_fine_buckets_run_partial_windows_at_the_images_size(tiny_student):
     # The same network on a differently padded input: close, not equal (TSAB's channel
     # statistics and the border windows see the padding).
     assert 0 < np.abs(fine - coarse).mean() < 0.05
+
+
+def test_network_names_the_size_rule_for_other_sizes(tiny_student):
+    cfg, params = tiny_student
+    vis, ir = _smooth_pair(36, 40)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        networks.build_model(cfg).apply({"params": params}, vis, ir)
 
 
 def test_jit_compiles_once_per_bucket(tiny_student):

@@ -64,8 +64,10 @@ run() {
       --target /tmp/site "$CARRY"/whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  local variant="" steps=1000
-  if [ -n "${SMOKE:-}" ]; then variant=":smoke" steps=6; fi
+  # Step caps: a guess at an H200 (fp32, batch 16, 128²): teacher ~0.3-0.4 s/step from its
+  # 120 GFLOPs forward, distillation ~0.15-0.2 s/step; set them from the first run's logs.
+  local variant="" teacher_steps=400 distill_steps=1000
+  if [ -n "${SMOKE:-}" ]; then variant=":smoke" teacher_steps=6 distill_steps=6; fi
   common=(
     "--config.data.root=$CARRY/data"
     "--config.data.captions=$CARRY/captions"
@@ -78,14 +80,14 @@ run() {
   common+=(${TRAIN_ARGS:-})  # more --config.x=y overrides for both stages
   rm -rf runs/device_teacher runs/device_distill
   python3 -m dtpf_jax.train --config "configs/teacher.py$variant" --workdir runs/device_teacher \
-    "${common[@]}" --config.steps="${TEACHER_STEPS:-$steps}" --config.eval_every=500 \
+    "${common[@]}" --config.steps="${TEACHER_STEPS:-$teacher_steps}" --config.eval_every=500 \
     --config.max_train_s="${TEACHER_S:-$((budget * 2 / 5))}" 2>&1 | tee "$out/teacher.log"
   remaining=$((t0 + budget - $(date +%s) - ${RESERVE_S:-60}))
   echo "teacher done after $(($(date +%s) - t0)) s; distillation gets $remaining s" \
     | tee "$out/timing.txt"
   python3 -m dtpf_jax.train --config "configs/distill.py$variant" --workdir runs/device_distill \
     "${common[@]}" --config.teacher_workdir=runs/device_teacher \
-    --config.steps="${DISTILL_STEPS:-$steps}" --config.eval_every=500 \
+    --config.steps="${DISTILL_STEPS:-$distill_steps}" --config.eval_every=500 \
     --config.max_train_s="$((remaining > 30 ? remaining : 30))" 2>&1 | tee "$out/distill.log"
   python3 -m dtpf_jax.export runs/device_distill "$out/student_ivf.msgpack" --dtype float16 \
     --record "$out/student_ivf.json"

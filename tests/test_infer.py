@@ -66,7 +66,7 @@ def test_fine_buckets_run_partial_windows_at_the_images_size(tiny_student):
     fuse = infer.Fuser(cfg)
     vis, ir = _smooth_pair(37, 91)
     coarse = fuse(params, vis, ir)  # 64 x 128
-    fine = fuse(params, vis, ir, buckets="fine")  # 64 x 96: windows past the edge at levels 3-4
+    fine = fuse(params, vis, ir, buckets="fine")  # 64 x 96: a partial window at level 4 (12 wide)
     assert fuse.trace_count == 2 and fine.shape == coarse.shape == (1, 37, 91, 3)
     assert np.isfinite(fine).all() and fine.min() >= 0.0 and fine.max() <= 1.0
     # The same network on a differently padded input: close, not equal (TSAB's channel

@@ -40,8 +40,9 @@ SIGMA = 32.0
 
 BUCKETS = ("coarse", "fine")
 FINE_MULTIPLE = 32
-# A new shape costs a compile; on this CPU the student's (30-60 s) is worth about this many
-# pixels of its run time (~18 us a pixel), the teacher's alike. choose_buckets weighs the two.
+# A new shape costs a compile: on this CPU the student's took 10-15 s (RoadScene shapes through
+# fuse), 0.6-0.8 M pixels of its run time (~18 us a pixel), the teacher's longer; this errs
+# towards fewer compiles. choose_buckets weighs compiles against padded pixels with it.
 COMPILE_PIXELS = 1_500_000
 
 

@@ -76,7 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.weight_decay = 1e-4
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.999
-    config.schedule = "cosine"  # 'cosine' (one decay) | 'official_cosine' (period 2*t_max)
+    # 'cosine' (one decay) | 'official_cosine' (period 2*t_max) | 'time_cosine' (one decay that
+    # ends when max_train_s does, at most config.steps)
+    config.schedule = "cosine"
     config.official_t_max = 500
     config.grad_clip = 0.0  # 0 = off
     # Weight of a squared-error intensity term beside the official loss (losses.fusion_loss);

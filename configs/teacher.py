@@ -65,7 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.b2 = 0.999
     # 'cosine': one decay from lr to lr_min over `steps`; 'official_cosine': the official
     # CosineAnnealingLR(T_max=500) stepped every iteration, a cosine of period 1000 steps
-    # between lr and lr_min, again and again.
+    # between lr and lr_min, again and again; 'time_cosine': one decay whose length is fitted
+    # to end when max_train_s does (at most `steps`; train.LearningRates).
     config.schedule = "cosine"
     config.official_t_max = 500  # half-period of 'official_cosine' in steps
     config.grad_clip = 0.0  # global-norm clipping; 0 = off (official: off)

@@ -6,7 +6,7 @@ import contextlib
 import math
 import pathlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 import ml_collections
@@ -37,10 +37,9 @@ class Reporter:
         config: ml_collections.ConfigDict,
         workdir: pathlib.Path,
         start: int,
-        schedule: Callable[[int], float],
         n_pairs: int,
     ):
-        self.total, self.log_every, self.schedule = config.steps, config.log_every, schedule
+        self.total, self.log_every = config.steps, config.log_every  # total: the planned end
         self.convention, self.start = config.val_convention, start
         self.epoch_steps = n_pairs / config.batch_size
         self.writer = None
@@ -53,6 +52,7 @@ class Reporter:
         self.count = 0
         self.t_interval, self.paused_s = time.perf_counter(), 0.0
         self.last: dict[str, float] = {}
+        self.lr = float("nan")
 
     @contextlib.contextmanager
     def timed_dispatch(self, step: int) -> Iterator[None]:
@@ -76,17 +76,18 @@ class Reporter:
         finally:
             self.paused_s += time.perf_counter() - t
 
-    def push(self, step: int, step_metrics: Mapping, last_good: str) -> None:
+    def push(self, step: int, step_metrics: Mapping, last_good: str, lr: float) -> None:
+        """Keep step's metrics (and the learning rate it used); record the previous step's."""
         if self.pending is not None:
             self._record(*self.pending, last_good)
-        self.pending = (step, step_metrics)
+        self.pending = (step, step_metrics, lr)
 
     def flush(self, last_good: str) -> None:
         if self.pending is not None:
             self._record(*self.pending, last_good)
             self.pending = None
 
-    def _record(self, step: int, step_metrics: Mapping, last_good: str) -> None:
+    def _record(self, step: int, step_metrics: Mapping, lr: float, last_good: str) -> None:
         m = {k: float(v) for k, v in jax.device_get(dict(step_metrics)).items()}
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
             raise NonFiniteLossError(
@@ -97,6 +98,7 @@ class Reporter:
         for k, v in m.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
+        self.lr = lr
         if step % self.log_every == 0 or step == self.total:
             self._log(step)
 
@@ -104,7 +106,7 @@ class Reporter:
         now = time.perf_counter()
         rate = self.count / max(now - self.t_interval - self.paused_s, 1e-9)
         means = {k: v / self.count for k, v in self.sums.items()}
-        lr = float(self.schedule(step - 1))  # the rate the last update used
+        lr = self.lr  # the rate the last update used
         logging.info(
             "step %d/%d (epoch %.1f)  loss %.4f  lr %.3g  %.3f steps/s  ETA %s",
             step,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging as std_logging
+import math
 import os
 import pathlib
 import sys
@@ -41,24 +42,82 @@ from dtpf_jax.report import NonFiniteLossError, Reporter
 State = dict[str, Any]
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Learning rate per step: one cosine decay, or the official per-iteration cosine."""
-    o = config.optimizer
-    if config.schedule == "cosine":
-        return optax.cosine_decay_schedule(o.lr, max(config.steps, 1), alpha=o.lr_min / o.lr)
-    if config.schedule == "official_cosine":
-        # CosineAnnealingLR(T_max) stepped every iteration and never reset: period 2*T_max.
-        t_max = config.official_t_max
-        return lambda n: o.lr_min + (o.lr - o.lr_min) * (1 + jnp.cos(jnp.pi * n / t_max)) / 2
-    raise ValueError(f"unknown schedule {config.schedule!r}; use 'cosine' or 'official_cosine'")
+SCHEDULES = ("cosine", "official_cosine", "time_cosine")
+
+
+class LearningRates:
+    """Each step's learning rate, computed on the host (plain floats: no device sync) and
+    passed to the jitted step.
+
+    'cosine': one decay from optimizer.lr to lr_min over config.steps (optax's
+    cosine_decay_schedule at count step - 1). 'official_cosine': the official
+    CosineAnnealingLR(T_max) stepped every iteration and never reset, period 2 x official_t_max.
+    'time_cosine' (needs config.max_train_s): one decay whose length is fitted again after every
+    step so that it ends when max_train_s does, whatever the device's speed: the steps done +
+    the measured steps/s x the seconds left, at most config.steps. The rate is measured from the
+    end of the first step (its compile) on, so validations and checkpoints count against it as
+    they count against the time. A resumed run fits the rest of the decay to its own
+    max_train_s from the step it resumes at.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, t_loop: float):
+        if config.schedule not in SCHEDULES:
+            raise ValueError(
+                f"unknown schedule {config.schedule!r}; use one of {', '.join(SCHEDULES)}"
+            )
+        self.kind, self.t_max = config.schedule, config.get("official_t_max", 0)
+        self.max_s, self.t_loop = float(config.get("max_train_s", 0.0)), t_loop
+        if self.kind == "time_cosine" and self.max_s <= 0:
+            raise ValueError(
+                "schedule 'time_cosine' fits the decay to config.max_train_s: set it (seconds)"
+            )
+        self.lr, self.lr_min = config.optimizer.lr, config.optimizer.lr_min
+        self.cap = self.length = float(max(config.steps, 1))
+        self.mark: tuple[int, float] | None = None  # (step, time) when the first step ended
+
+    def __call__(self, step: int) -> np.float32:
+        n = step - 1  # updates before this one: optax's count
+        if self.kind == "official_cosine":
+            phase = math.pi * n / self.t_max
+        else:
+            phase = math.pi * min(n, self.length) / self.length
+        return np.float32(self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(phase)) / 2)
+
+    def observe(self, step: int, now: float) -> None:
+        """Step `step` has been dispatched; now is time.monotonic() after it."""
+        if self.kind != "time_cosine":
+            return
+        if self.mark is None:
+            self.mark = (step, now)
+            return
+        s0, t0 = self.mark
+        if now > t0:
+            left = max(self.max_s - (now - self.t_loop), 0.0)
+            self.length = max(min(self.cap, step + (step - s0) / (now - t0) * left), 1.0)
+
+    @property
+    def horizon(self) -> int:
+        """The last step as now planned (where the decay ends)."""
+        return math.ceil(self.length)
+
+
+def _unit_rate(count: jax.Array) -> float:
+    """The optimizer's own learning rate: 1; the step scales the updates by LearningRates'.
+
+    AdamW's decoupled weight decay is scaled by it too, as in optax.adamw(lr). A schedule and not
+    the float 1.0, so that the state keeps optax's step count (earlier checkpoints restore).
+    """
+    del count
+    return 1.0
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    o, lr = config.optimizer, make_schedule(config)
+    """The optimizer at unit learning rate: the step multiplies its updates by the host's rate."""
+    o = config.optimizer
     if o.name == "adamw":
-        tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+        tx = optax.adamw(_unit_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
     elif o.name == "sgd":
-        tx = optax.sgd(lr)
+        tx = optax.sgd(_unit_rate)
     else:
         raise ValueError(f"unknown optimizer {o.name!r}; use 'adamw' or 'sgd'")
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), tx) if config.grad_clip else tx
@@ -116,14 +175,15 @@ def abstract_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
 
 
-def _apply_gradients(state: State, grads, tx: optax.GradientTransformation) -> State:
+def _apply_gradients(state: State, grads, tx: optax.GradientTransformation, lr) -> State:
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
     params = optax.apply_updates(state["params"], updates)
     return state | {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
 
 
 def _teacher_step(
-    state: State, batch: dict, *, model, tx, intensity_l2: float = 0.0
+    state: State, lr: jax.Array, batch: dict, *, model, tx, intensity_l2: float = 0.0
 ) -> tuple[State, dict]:
     def loss_fn(params):
         params = parallel.device_varying(params)
@@ -135,11 +195,11 @@ def _teacher_step(
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     out = {"loss": loss, "grad_norm": optax.tree.norm(grads), **parallel.global_mean(terms)}
-    return _apply_gradients(state, grads, tx), out
+    return _apply_gradients(state, grads, tx, lr), out
 
 
 def _distill_step(
-    state: State, teacher_params, batch: dict, *, student, teacher, tx, config
+    state: State, teacher_params, lr: jax.Array, batch: dict, *, student, teacher, tx, config
 ) -> tuple[State, dict]:
     vis, ir = batch["vis"], batch["ir"]
     # The teacher is an input, never differentiated: its forward pass stays out of the VJP.
@@ -173,11 +233,12 @@ def _distill_step(
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     terms = parallel.global_mean({k: v for k, v in terms.items() if k != "total"})
     out = {"loss": loss, "grad_norm": optax.tree.norm(grads), **terms}
-    return _apply_gradients(state, grads, tx), out
+    return _apply_gradients(state, grads, tx, lr), out
 
 
 def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable:
-    """The jitted data-parallel step: teacher (state, batch), distill (state, teacher, batch).
+    """The jitted data-parallel step: teacher (state, lr, batch), distill (state, teacher, lr,
+    batch), lr a float32 scalar (LearningRates).
 
     Returns (new state, metrics); the state argument is donated, the teacher params are not.
     """
@@ -191,7 +252,7 @@ def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Ca
             tx=tx,
             intensity_l2=float(config.get("intensity_l2", 0.0)),
         )
-        return parallel.data_parallel_step(fn, mesh, num_args=2)
+        return parallel.data_parallel_step(fn, mesh, num_args=3)
     if config.stage == "distill":
         if config.get("intensity_l2", 0.0):
             raise ValueError(
@@ -205,7 +266,7 @@ def build_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Ca
             tx=tx,
             config=config,
         )
-        return parallel.data_parallel_step(fn, mesh, num_args=3)
+        return parallel.data_parallel_step(fn, mesh, num_args=4)
     raise ValueError(f"unknown stage {config.stage!r}; use 'teacher', 'student' or 'distill'")
 
 
@@ -373,6 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         config.batch_size,
         workdir,
     )
+    rates = LearningRates(config, t_loop=0.0)  # a bad schedule fails here, before any loading
     frozen = (load_teacher(config, mesh),) if config.stage == "distill" else ()
     step_fn = build_step(config, mesh)
     data_cfg = run_data_config(config)
@@ -395,17 +457,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             state = init_from_weights(state, config, mesh)
     if start >= config.steps:
         logging.info("already at step %d of %d: nothing to train", start, config.steps)
-    reporter = Reporter(config, workdir, start, make_schedule(config), len(pairs))
+    reporter = Reporter(config, workdir, start, len(pairs))
     last_good = f"step {start} in {mngr.directory}" if start else "none"
     max_s, t_loop = float(config.get("max_train_s", 0.0)), time.monotonic()
+    rates.t_loop = t_loop
     try:
         for step in range(start + 1, config.steps + 1):
             batch = next(train_iter)
+            lr = rates(step)
             with reporter.timed_dispatch(step):
-                state, step_metrics = step_fn(state, *frozen, batch)
+                state, step_metrics = step_fn(state, *frozen, lr, batch)
             # Metrics are read one step late so that the device is never idle waiting for us.
-            reporter.push(step, step_metrics, last_good)
-            timed_out = max_s > 0 and time.monotonic() - t_loop >= max_s
+            reporter.push(step, step_metrics, last_good, float(lr))
+            now = time.monotonic()
+            rates.observe(step, now)
+            reporter.total = rates.horizon
+            timed_out = max_s > 0 and now - t_loop >= max_s
             last = step == config.steps or timed_out
             evaluate = bool(config.eval_every) and (step % config.eval_every == 0 or last)
             periodic = bool(config.checkpoint_every) and step % config.checkpoint_every == 0

@@ -18,9 +18,10 @@
 #
 # Time: the whole run ends about BUDGET_S (default 480 s) after it starts: the teacher trains for
 # TEACHER_S seconds (default 40 % of the budget; `config.max_train_s`, compile included), the
-# distillation gets what is left minus RESERVE_S (export and exit). Steps are capped by
-# TEACHER_STEPS / DISTILL_STEPS, which also set the cosine's length: on a device slower than
-# the caps assume, the run stops on time with the learning rate not yet decayed.
+# distillation gets what is left minus RESERVE_S (export and exit). Both use the 'time_cosine'
+# schedule: the learning rate's decay is fitted, step by step, to the measured step rate and the
+# time left, so that it ends with the time limit on whatever device; TEACHER_STEPS /
+# DISTILL_STEPS only cap it (a device fast enough to reach a cap ends early, fully decayed).
 #
 # Text: no real CLIP is reachable from the development machine, so `stage` embeds the captions
 # with a random CLIP text tower (as the CPU runs did, RESULTS.md); with real CLIP weights at
@@ -64,9 +65,9 @@ run() {
       --target /tmp/site "$CARRY"/whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  # Step caps: a guess at an H200 (fp32, batch 16, 128²): teacher ~0.3-0.4 s/step from its
-  # 120 GFLOPs forward, distillation ~0.15-0.2 s/step; set them from the first run's logs.
-  local variant="" teacher_steps=400 distill_steps=1000
+  # Step caps, far above what an H200 should reach in the time (fp32, batch 16, 128²; guessed:
+  # teacher ~0.3-0.4 s/step from its 120 GFLOPs forward, distillation ~0.15-0.2 s/step).
+  local variant="" teacher_steps=4000 distill_steps=8000
   if [ -n "${SMOKE:-}" ]; then variant=":smoke" teacher_steps=6 distill_steps=6; fi
   common=(
     "--config.data.root=$CARRY/data"
@@ -75,6 +76,7 @@ run() {
     '--config.data.val=("msrs/train",)'
     "--config.data.val_split=(0.95, 1.0)"
     "--config.checkpoint_every=0"
+    "--config.schedule=time_cosine"
   )
   # shellcheck disable=SC2206
   common+=(${TRAIN_ARGS:-})  # more --config.x=y overrides for both stages

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -18,6 +19,7 @@ import types
 
 import jax
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -108,6 +110,7 @@ def programs():
             args = (
                 parallel.replicate(states[stage, opt], mesh),
                 *frozen,
+                train.LearningRates(cfg, 0.0)(1),
                 parallel.shard_batch(batch, mesh),
             )
             lowered[stage, opt, n] = train.build_step(cfg, mesh).lower(*args)
@@ -124,9 +127,9 @@ def _run(programs, key, steps=1):
     teacher = programs["teacher", "adamw", key[2]][1]["params"]["net"]
     frozen = (parallel.replicate(teacher, mesh),) if key[0] == "distill" else ()
     state, batch = parallel.replicate(state0, mesh), parallel.shard_batch(fixed_batch(), mesh)
-    states, metrics = [], []
-    for _ in range(steps):
-        state, m = step(state, *frozen, batch)
+    states, metrics, rates = [], [], train.LearningRates(cfg, 0.0)
+    for n in range(1, steps + 1):
+        state, m = step(state, *frozen, rates(n), batch)
         states.append(_host(state))
         metrics.append({k: float(v) for k, v in _host(m).items()})
     return frozen, states, metrics
@@ -248,9 +251,10 @@ def test_shared_msrs_validation_scene_is_not_trained_on(shared_data):
 def tiny_run(tmp_path, monkeypatch, programs):
     """A teacher smoke run on 8 synthetic pairs that reuses the session's compiled step.
 
-    Returns run(workdir, fault=None, init_weights="", initial=None, max_train_s=0.0) -> (batch
-    digests by step, error or None); fault(step, batch) may raise or return a replacement
-    batch; initial replaces the initial state.
+    Returns run(workdir, fault=None, init_weights="", initial=None, max_train_s=0.0, rates=None,
+    schedule="cosine") -> (batch digests by step, error or None); fault(step, batch) may raise
+    or return a replacement batch; initial replaces the initial state; rates (a dict) gets the
+    learning rate passed to each step.
     """
     _write_pairs(tmp_path / "data" / "d", [f"p{i}" for i in range(8)])
     cfg, state0, compiled = programs["teacher", "adamw", 4]
@@ -258,16 +262,18 @@ def tiny_run(tmp_path, monkeypatch, programs):
     cfg.data.root, cfg.data.train, cfg.data.val = str(tmp_path / "data"), ("d",), ()
     cfg.eval_every, cfg.checkpoint_every = 0, 2
 
-    def run(workdir, fault=None, init_weights="", initial=None, max_train_s=0.0):
-        seen = {}
-        cfg.init_weights, cfg.max_train_s = str(init_weights), max_train_s
+    def run(workdir, fault=None, init_weights="", initial=None, max_train_s=0.0, rates=None,
+            schedule="cosine"):  # fmt: skip
+        seen, rates = {}, {} if rates is None else rates
+        cfg.init_weights, cfg.max_train_s, cfg.schedule = str(init_weights), max_train_s, schedule
         first = state0 if initial is None else initial
         monkeypatch.setattr(train, "init_state", lambda c, mesh: parallel.replicate(first, mesh))
 
-        def step(state, batch):
+        def step(state, lr, batch):
             n = int(state["step"]) + 1
             seen[n] = float(np.asarray(batch["vis"]).sum() + np.asarray(batch["ir"]).sum())
-            return compiled(state, fault(n, batch) if fault else batch)
+            rates[n] = float(lr)
+            return compiled(state, lr, fault(n, batch) if fault else batch)
 
         monkeypatch.setattr(train, "build_step", lambda c, mesh: step)
         try:
@@ -310,6 +316,62 @@ def test_max_train_s_stops_on_time_with_a_checkpoint_and_resumes(tmp_path, tiny_
     assert meta["step"] == 3
     rest, err = tiny_run(tmp_path / "run")  # no limit: resumes at step 4 of 4
     assert err is None and sorted(rest) == [4]
+
+
+def test_time_cosine_fits_the_decay_to_the_time_left(tmp_path, tiny_run, programs, monkeypatch):
+    o = programs["teacher", "adamw", 4][0].optimizer
+
+    def cosine(done, length):
+        return o.lr_min + (o.lr - o.lr_min) * (1 + math.cos(math.pi * done / length)) / 2
+
+    plain, fitted = {}, {}
+    for rates, schedule in ((plain, "cosine"), (fitted, "time_cosine")):
+        clock = itertools.count(0.0, 10.0)  # the loop start at 0 s, then each step 10 s later
+        fake = types.SimpleNamespace(monotonic=lambda c=clock: next(c))
+        monkeypatch.setattr(train, "time", fake)
+        run = tiny_run(tmp_path / schedule, max_train_s=25.0, rates=rates, schedule=schedule)
+        assert run[1] is None
+    assert sorted(plain) == sorted(fitted) == [1, 2, 3]  # both stop on time after step 3 of 4
+    for n in (1, 2, 3):  # 'cosine' decays over the 4 steps planned, and is cut at step 3
+        assert plain[n] == pytest.approx(cosine(n - 1, 4), rel=1e-5)
+    # 'time_cosine': steps 1 and 2 as planned (no rate yet: step 1 includes the compile);
+    # after step 2 (t = 20 s): 0.1 steps/s x 5 s left -> the decay ends at step 2.5.
+    assert [fitted[1], fitted[2]] == pytest.approx([plain[1], plain[2]], rel=1e-5)
+    assert fitted[3] == pytest.approx(cosine(2, 2.5), rel=1e-5)
+    assert fitted[3] < 0.25 * plain[3]
+    with pytest.raises(ValueError, match="max_train_s"):  # no time limit to fit it to
+        tiny_run(tmp_path / "nolimit", schedule="time_cosine")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "official_cosine"])
+def test_host_learning_rates_make_the_updates_of_optax_with_the_schedule(schedule):
+    cfg = load_config("teacher", "smoke")
+    cfg.steps, cfg.grad_clip, cfg.schedule, cfg.official_t_max = 5, 0.0, schedule, 2
+    o = cfg.optimizer
+    o.lr, o.weight_decay = 0.1, 0.05
+    if schedule == "cosine":
+        want_lr = optax.cosine_decay_schedule(o.lr, 5, alpha=o.lr_min / o.lr)
+    else:  # torch's CosineAnnealingLR(T_max=2) stepped every iteration: a period of 4 steps
+
+        def want_lr(n):
+            return o.lr_min + (o.lr - o.lr_min) * (1 + np.cos(np.pi * n / 2)) / 2
+
+    want_tx = optax.adamw(want_lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+    tx, rates = train.make_optimizer(cfg), train.LearningRates(cfg, 0.0)
+    state = {"step": 0, "params": {"w": np.linspace(-1.0, 1.0, 6, dtype=np.float32)}}
+    state["opt_state"] = tx.init(state["params"])
+    want, want_opt = state["params"], want_tx.init(state["params"])
+    for n in range(1, 8):  # past the cosine's end (then at its floor), past a period
+        assert rates(n) == pytest.approx(float(want_lr(n - 1)), rel=1e-5, abs=1e-12)
+        grads = {"w": np.float32(n) * np.cos(np.arange(6, dtype=np.float32))}
+        state = train._apply_gradients(state, grads, tx, rates(n))
+        updates, want_opt = want_tx.update(grads, want_opt, want)
+        want = optax.apply_updates(want, updates)
+        np.testing.assert_allclose(state["params"]["w"], want["w"], rtol=1e-5, atol=1e-7)
+    assert jax.tree.structure(state["opt_state"]) == jax.tree.structure(want_opt)  # checkpoints
+    cfg.schedule = "linear"
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        train.LearningRates(cfg, 0.0)
 
 
 def test_init_weights_starts_the_network_from_a_file_with_a_fresh_optimizer(
@@ -370,11 +432,12 @@ def test_nodistill_stage_trains_the_student_alone_on_the_fusion_loss():
     state = jax.eval_shape(train.make_init(cfg), jax.random.key(0))
     assert set(state["params"]) == {"net"} and "frozen" not in state  # no adapters, no teacher
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fixed_batch())
-    new, metrics = jax.eval_shape(train.build_step(cfg, mesh), state, batch)  # 2 args: no teacher
+    lr = jax.ShapeDtypeStruct((), np.float32)
+    new, metrics = jax.eval_shape(train.build_step(cfg, mesh), state, lr, batch)  # no teacher
     assert set(metrics) == {"loss", "grad_norm", *losses.WEIGHT_KEYS}
     assert jax.tree.structure(new) == jax.tree.structure(state)
     cfg.intensity_l2 = 100.0  # the optional squared-error intensity term reaches the step
-    _, metrics = jax.eval_shape(train.build_step(cfg, mesh), state, batch)
+    _, metrics = jax.eval_shape(train.build_step(cfg, mesh), state, lr, batch)
     assert set(metrics) == {"loss", "grad_norm", "intensity_l2", *losses.WEIGHT_KEYS}
     distill = micro(load_config("distill", "smoke"))
     distill.intensity_l2 = 100.0  # not read by the distill step: refused, not silently ignored

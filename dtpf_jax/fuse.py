@@ -365,8 +365,9 @@ def fuse_main(args) -> int:
     big = [j for j in jobs if infer.pick_mode(args.mode, *j.size, threshold) == "tiles"]
     if big and args.mode == "auto":
         print(
-            f"note: {len(big)} images above {threshold} pixels run in tiles mode (bounded "
-            f"memory), e.g. {big[0].vis}; --max-full-pixels N changes the threshold"
+            f"note: {len(big)} image{'s' * (len(big) != 1)} above {threshold} pixels run in "
+            f"tiles mode (bounded memory), e.g. {big[0].vis}; --max-full-pixels N changes the "
+            "threshold"
         )
     buckets = args.buckets
     if buckets == "auto":
@@ -394,11 +395,16 @@ def fuse_main(args) -> int:
         f"compile: {stats.compiles} new shape{'s' * (stats.compiles != 1)} ({buckets} buckets), "
         f"{stats.compile_s:.1f} s (first image of each shape, not counted in images/s)"
     )
-    ips = f"{stats.images_per_s:.2f}" if stats.images > stats.compiles else "n/a"
+    # A rate after compile exists only when some image ran on an already compiled shape.
+    ips = (
+        f", {stats.images_per_s:.2f} images/s after compile"
+        if stats.images > stats.compiles
+        else ""
+    )
     tiled = f", {stats.tiled} in tiles" if stats.tiled else ""
     print(
-        f"done: {stats.images} images{tiled} in {stats.seconds:.1f} s, {ips} images/s after "
-        f"compile -> {out.resolve()}"
+        f"done: {stats.images} image{'s' * (stats.images != 1)}{tiled} in {stats.seconds:.1f} s"
+        f"{ips} -> {out.resolve()}"
     )
     return 0
 

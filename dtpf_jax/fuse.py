@@ -365,7 +365,7 @@ def fuse_main(args) -> int:
     big = [j for j in jobs if infer.pick_mode(args.mode, *j.size, threshold) == "tiles"]
     if big and args.mode == "auto":
         print(
-            f"note: {len(big)} image{'s' * (len(big) != 1)} above {threshold} pixels run in "
+            f"note: {_count(len(big), 'image')} above {threshold} pixels run in "
             f"tiles mode (bounded memory), e.g. {big[0].vis}; --max-full-pixels N changes the "
             "threshold"
         )
@@ -392,7 +392,7 @@ def fuse_main(args) -> int:
         atomic_write(args.html, page)
         print(f"page: {pathlib.Path(args.html).resolve()}")
     print(
-        f"compile: {stats.compiles} new shape{'s' * (stats.compiles != 1)} ({buckets} buckets), "
+        f"compile: {_count(stats.compiles, 'new shape')} ({buckets} buckets), "
         f"{stats.compile_s:.1f} s (first image of each shape, not counted in images/s)"
     )
     # A rate after compile exists only when some image ran on an already compiled shape.
@@ -403,10 +403,15 @@ def fuse_main(args) -> int:
     )
     tiled = f", {stats.tiled} in tiles" if stats.tiled else ""
     print(
-        f"done: {stats.images} image{'s' * (stats.images != 1)}{tiled} in {stats.seconds:.1f} s"
+        f"done: {_count(stats.images, 'image')}{tiled} in {stats.seconds:.1f} s"
         f"{ips} -> {out.resolve()}"
     )
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 class _LowerFormatter(logging.Formatter):

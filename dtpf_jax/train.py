@@ -459,7 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         logging.info("already at step %d of %d: nothing to train", start, config.steps)
     reporter = Reporter(config, workdir, start, len(pairs))
     last_good = f"step {start} in {mngr.directory}" if start else "none"
-    max_s, t_loop = float(config.get("max_train_s", 0.0)), time.monotonic()
+    max_s, t_loop = rates.max_s, time.monotonic()  # max_s: config.max_train_s
     rates.t_loop = t_loop
     try:
         for step in range(start + 1, config.steps + 1):

@@ -7,8 +7,10 @@
 Methods (rows): `student` (a weight file, text-free; `student_tiles`: the same network under
 the official sliding-window test protocol, on --tiles-splits), `teacher` (a text-guided weight
 file fed each pair's caption embedding from the `--captions` cache), `teacher_notext` (the same
-teacher with an all-zero text embedding: the paper's text ablation), and two baselines,
-`max` = max(vis_gray, ir) and `mean` = (vis_gray + ir) / 2 (BT.601 gray of the visible / A image).
+teacher with an all-zero text embedding: the paper's text ablation), and three baselines:
+`vis`, the visible / A image as it is (RGB; the networks output it plus a learned residual, so
+this is what a network that learned nothing would score), `max` = max(vis_gray, ir) and
+`mean` = (vis_gray + ir) / 2 (BT.601 gray of the visible / A image).
 On the medical splits the `student` rows
 come from --student-med when it is given: a weight file or shipped name, where `{task}` stands
 for the split's Harvard task (`student_{task}`: the shipped student of each task).
@@ -44,8 +46,14 @@ CONVENTIONS = ("dtpf_table", "clean")
 log = logging.getLogger("reproduce_results")
 
 
+BASELINES = ("vis", "max", "mean")
+
+
 def baseline(vis: np.ndarray, ir: np.ndarray, how: str) -> np.ndarray:
-    """uint8 gray max or mean of the visible gray (BT.601) and the infrared image."""
+    """A baseline's uint8 image: `vis` the visible image unchanged, `max` / `mean` the gray max
+    or mean of the visible gray (BT.601) and the infrared image."""
+    if how == "vis":
+        return vis
     g = np.asarray(color.rgb_to_gray(vis.astype(np.float32) / 255.0)) * 255.0
     g = g[..., 0] if g.ndim == 3 else g
     i = ir.astype(np.float32)
@@ -103,7 +111,7 @@ def fuse_split(args, split: data.Split, pairs, rel: str, models: dict, out: path
         t0 = time.perf_counter()
         for k, p in enumerate(todo):
             vis, ir = data.read_image(p.a, "RGB"), data.read_image(p.b, "L")
-            if method in ("max", "mean"):
+            if method in BASELINES:
                 fused = baseline(vis, ir, method)
             else:
                 t = None
@@ -191,7 +199,7 @@ def main(argv=None) -> int:
         models = dict(base_models)
         if split.kind == "medical" and args.student_med:
             models["student"] = models["student_tiles"] = med_student(rel)
-        models["max"] = models["mean"] = None
+        models.update(dict.fromkeys(BASELINES))
         methods = fuse_split(args, split, pairs, rel, models, args.out)
         columns = MED_COLUMNS if split.kind == "medical" else IVF_COLUMNS
         folders = [args.out / "fused" / rel.replace(":", "_first") / m for m in methods]

@@ -30,7 +30,8 @@ def test_shipped_student_matches_its_record_and_the_official_student(name):
     for key in ("dim", "num_blocks", "num_refinement_blocks", "ffn_expansion_factor", "text_dim"):
         assert cfg[key] == official[key], key
     assert sum(x.size for x in jax.tree.leaves(params)) == 4_371_772
-    # distilled, or fine-tuned on the fusion loss alone (configs/distill.py:nodistill)
+    # distilled, or fine-tuned on the fusion loss alone (configs/distill.py:nodistill or
+    # scripts/finetune_head.py)
     assert meta["stage"] in ("distill", "student") and meta["stage"] == record["stage"]
     assert meta["step"] == record["step"]
     # the run (config name) says the data: distill_med_<task>... for a medical student

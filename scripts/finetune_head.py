@@ -200,6 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--record", type=pathlib.Path, help="also write this JSON record of --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # importing grain gives the root logger a handler, so basicConfig may do nothing: the
+    # level still has to come down for the INFO progress lines.
+    logging.getLogger().setLevel(logging.INFO)
 
     model = infer.load_model(args.weights)
     if model.text_guided:

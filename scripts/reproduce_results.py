@@ -170,6 +170,9 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # importing grain gives the root logger a handler, so basicConfig may do nothing: the
+    # level still has to come down for the INFO progress lines.
+    logging.getLogger().setLevel(logging.INFO)
     if args.teacher and not args.captions:
         p.error("--teacher needs --captions (the caption tree and its CLIP embedding cache)")
 

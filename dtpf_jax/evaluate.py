@@ -3,8 +3,8 @@
     python -m dtpf_jax.evaluate --fused out/dtpf --vis data/vi --ir data/ir \
         --convention dtpf_table --csv scores.csv --html report.html
 
-The library entry point is `evaluate_folders`; `format_table`, `write_csv` and `write_html`
-render its result.
+The library entry point is `evaluate_folders`; `format_table`, `write_csv`, `write_html` and
+`write_gallery` (one PNG of the first pairs side by side, for a README) render its result.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from dtpf_jax import metrics
-from dtpf_jax.data import DataError, atomic_write, pair_by_name, read_image
+from dtpf_jax.data import DataError, atomic_write, pair_by_name, read_image, write_png_atomic
 
 THUMB_SIDE = 192
 FORMATS = {"Nabf": ".6f", "MSE": ".6f", "SD": ".3f", "SF": ".3f", "AG": ".3f", "PSNR": ".3f"}
@@ -269,6 +269,64 @@ def write_html(path: str | os.PathLike, ev: Evaluation, max_images: int = 50) ->
     _write_atomic(path, html_text(ev, max_images))
 
 
+GALLERY_PAD = 6
+GALLERY_LINE = 14  # pixels per text line (Pillow's built-in font)
+
+
+def gallery_image(
+    ev: Evaluation,
+    max_images: int = 4,
+    side: int = 256,
+    keys: Sequence[str] = ("VIF", "Qabf"),
+) -> np.ndarray:
+    """The first `max_images` pairs as one RGB image: a row per pair, columns vis | ir | each
+    method's fused image (thumbnails fitted into side x side, as the HTML's), a label above
+    each column, the pair's name under its visible image and its `keys` scores under each
+    fused image."""
+    shown = ev.pairs if max_images <= 0 else ev.pairs[:max_images]
+    keys = [k for k in keys if k in ev.metric_names]
+    font = ImageFont.load_default()
+    rows = []
+    for i, (name, vis_path, ir_path) in enumerate(shown):
+        cells = [
+            (read_image(vis_path, "RGB"), name),
+            (read_image(ir_path, "L"), ""),
+        ]
+        for m in ev.methods:
+            s = ev.scores[m][i]
+            line = " ".join(f"{k} {_fmt(k, s[k]) if not math.isnan(s[k]) else 'n/a'}" for k in keys)
+            cells.append((read_image(ev.fused[m][i], "RGB"), line))
+        thumbs = []
+        for img, caption in cells:
+            t = Image.fromarray(img).convert("RGB")
+            t.thumbnail((side, side))
+            thumbs.append((t, caption))
+        rows.append(thumbs)
+    labels = ["visible / A", "infrared / B", *ev.methods]
+    cell_w = side + GALLERY_PAD
+    row_h = [max(t.height for t, _ in r) + GALLERY_LINE + GALLERY_PAD for r in rows]
+    width = GALLERY_PAD + cell_w * len(labels)
+    height = GALLERY_PAD + GALLERY_LINE + sum(row_h)
+    page = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(page)
+    for c, label in enumerate(labels):
+        draw.text((GALLERY_PAD + c * cell_w, GALLERY_PAD // 2), label, fill="black", font=font)
+    y = GALLERY_PAD + GALLERY_LINE
+    for r, h in zip(rows, row_h, strict=True):
+        for c, (t, caption) in enumerate(r):
+            x = GALLERY_PAD + c * cell_w
+            page.paste(t, (x, y))
+            draw.text((x, y + t.height + 1), caption, fill="black", font=font)
+        y += h
+    return np.asarray(page)
+
+
+def write_gallery(path: str | os.PathLike, ev: Evaluation, max_images: int = 4) -> None:
+    """Write `gallery_image(ev, max_images)` as a PNG, atomically."""
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_png_atomic(path, gallery_image(ev, max_images))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dtpf_jax.evaluate",
@@ -317,6 +375,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="thumbnails of the first N images in the HTML (0: all; default 50)",
     )
+    p.add_argument(
+        "--gallery",
+        metavar="FILE",
+        help="one PNG of the first pairs side by side (vis | ir | each method, with VIF and "
+        "Qabf under each fused image): a figure for a README",
+    )
+    p.add_argument(
+        "--gallery-images",
+        type=int,
+        default=4,
+        metavar="N",
+        help="pairs (rows) in the --gallery PNG (0: all; default 4)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -334,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(ev))
     outputs = [(args.csv, lambda p: write_csv(p, ev))]
     outputs.append((args.html, lambda p: write_html(p, ev, args.html_images)))
+    outputs.append((args.gallery, lambda p: write_gallery(p, ev, args.gallery_images)))
     for target, write in outputs:
         if target:
             try:

@@ -395,6 +395,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on bad input, with one `error:` line)."""
     args = _parser().parse_args(argv)
+    if args.gallery and pathlib.Path(args.gallery).suffix.lower() != ".png":
+        print(f"error: --gallery {args.gallery}: it writes a PNG; name it *.png", file=sys.stderr)
+        return 2
     try:
         ev = evaluate_folders(
             args.fused, args.vis, args.ir, args.convention, progress=not args.quiet

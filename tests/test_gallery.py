@@ -41,6 +41,14 @@ def test_gallery_layout_and_cells(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["g.png"]  # written atomically
 
 
+def test_gallery_needs_png_name(tmp_path, capsys):
+    dirs = make_folders(tmp_path)
+    assert run(dirs, "--gallery", tmp_path / "g.jpg") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --gallery") and "g.jpg" in err and err.count("\n") == 1
+    assert not (tmp_path / "g.jpg").exists()
+
+
 def test_gallery_shrinks_large_images(tmp_path):
     dirs = make_folders(tmp_path, names=("big",), size=(300, 600))
     out = tmp_path / "g.png"

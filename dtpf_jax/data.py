@@ -157,6 +157,15 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 log = logging.getLogger(__name__)
 
+
+def show_info_logs(fmt: str = "%(message)s") -> None:
+    """Let a command-line run's INFO lines through to stderr. Importing grain (as this module
+    does) gives the root logger a handler, after which `logging.basicConfig` does nothing and
+    the level stays WARNING, so the level is lowered here as well."""
+    logging.basicConfig(level=logging.INFO, format=fmt)
+    logging.getLogger().setLevel(logging.INFO)
+
+
 # Default dataset root: $DTPF_DATA, else ../shared/data beside the repository.
 DATA_ROOT = os.environ.get(
     "DTPF_DATA", str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")

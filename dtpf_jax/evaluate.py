@@ -194,10 +194,16 @@ def write_csv(path: str | os.PathLike, ev: Evaluation) -> None:
     _write_atomic(path, csv_text(ev))
 
 
-def thumbnail_uri(img: np.ndarray, side: int = THUMB_SIDE) -> str:
-    """A PNG data URI of `img` shrunk to fit side x side."""
+def thumbnail(img: np.ndarray, side: int = THUMB_SIDE) -> Image.Image:
+    """`img` shrunk to fit side x side (never enlarged), as the reports show it."""
     thumb = Image.fromarray(img)
     thumb.thumbnail((side, side))
+    return thumb
+
+
+def thumbnail_uri(img: np.ndarray, side: int = THUMB_SIDE) -> str:
+    """A PNG data URI of `thumbnail(img, side)`."""
+    thumb = thumbnail(img, side)
     buf = io.BytesIO()
     thumb.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -296,12 +302,7 @@ def gallery_image(
             s = ev.scores[m][i]
             line = " ".join(f"{k} {_fmt(k, s[k]) if not math.isnan(s[k]) else 'n/a'}" for k in keys)
             cells.append((read_image(ev.fused[m][i], "RGB"), line))
-        thumbs = []
-        for img, caption in cells:
-            t = Image.fromarray(img).convert("RGB")
-            t.thumbnail((side, side))
-            thumbs.append((t, caption))
-        rows.append(thumbs)
+        rows.append([(thumbnail(img, side).convert("RGB"), caption) for img, caption in cells])
     labels = ["visible / A", "infrared / B", *ev.methods]
     cell_w = side + GALLERY_PAD
     row_h = [max(t.height for t, _ in r) + GALLERY_LINE + GALLERY_PAD for r in rows]

@@ -608,10 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default="tiny", choices=("tiny", "base"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    # importing grain gives the root logger a handler, so basicConfig may do nothing: the
-    # level still has to come down for the INFO progress lines.
-    logging.getLogger().setLevel(logging.INFO)
+    data.show_info_logs("%(levelname)s %(message)s")
     try:
         if args.cmd == "caption":
             for rel, c in caption_tree(args.root, args.out).items():

@@ -199,10 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=pathlib.Path, help="weight file to write")
     p.add_argument("--record", type=pathlib.Path, help="also write this JSON record of --out")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # importing grain gives the root logger a handler, so basicConfig may do nothing: the
-    # level still has to come down for the INFO progress lines.
-    logging.getLogger().setLevel(logging.INFO)
+    data.show_info_logs()
 
     model = infer.load_model(args.weights)
     if model.text_guided:

@@ -169,10 +169,7 @@ def main(argv=None) -> int:
         "tiles, stride 64, Gaussian blending), about 4x the compute of one full pass",
     )
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # importing grain gives the root logger a handler, so basicConfig may do nothing: the
-    # level still has to come down for the INFO progress lines.
-    logging.getLogger().setLevel(logging.INFO)
+    data.show_info_logs()
     if args.teacher and not args.captions:
         p.error("--teacher needs --captions (the caption tree and its CLIP embedding cache)")
 

@@ -12,11 +12,15 @@ is about 4x cheaper per crop than a whole-network step, which is what makes seve
 steps affordable there (RESULTS.md, "the head fine-tune"). Crops are not flipped: features
 of a flipped frame are not the flipped features.
 
+--part level1 trains the whole full-resolution level instead: feature_fusion_1, the
+decoder_level1 blocks and the head, on cached up2_1 output and level-1 outputs of both
+encoders (concatenated: 3 x dim channels; about 2x the head's step time).
+
 Training frames: the first 95 % (by name) of each --train split, as the trainer's default
 validation split leaves them. Loss: the official fusion loss with the task table's `default`
 weights. Optimiser: AdamW (weight decay 1e-4), global-norm clip 1.0, cosine from --lr to 1e-7
 over --steps. The output is a weight file like `python -m dtpf_jax.export` writes (the frozen
-params unchanged, the head's trained), with --save-every files beside it (`<out
+params unchanged, the part's trained), with --save-every files beside it (`<out
 stem>_step<N>.msgpack`) to choose from.
 """
 
@@ -36,13 +40,38 @@ import numpy as np
 import optax
 
 from dtpf_jax import checkpoint, data, infer, losses, networks
-from dtpf_jax.blocks import Conv3x3, TransformerBlock
+from dtpf_jax.blocks import AttentionFusion, Conv3x3, TransformerBlock
 
 log = logging.getLogger("finetune_head")
 
 
+PARTS = ("head", "level1")
+
+
 def head_names(cfg) -> list[str]:
     return [f"refinement_{i}" for i in range(cfg.num_refinement_blocks)] + ["output"]
+
+
+def part_names(cfg, part: str = "head") -> list[str]:
+    """The top-level param names that --part trains."""
+    if part == "head":
+        return head_names(cfg)
+    if part == "level1":
+        blocks = [f"decoder_level1_{i}" for i in range(cfg.num_blocks[0])]
+        return ["feature_fusion_1", *blocks, *head_names(cfg)]
+    raise ValueError(f"part {part!r} is not one of {PARTS}")
+
+
+def _level1_block(c, name: str) -> TransformerBlock:
+    return TransformerBlock(
+        c.channel_heads[0],
+        c.spatial_heads[0],
+        c.spatial_dim_head,
+        c.ffn_expansion_factor,
+        c.window_size,
+        c.overlap_ratio,
+        name=name,
+    )
 
 
 class Head(nn.Module):
@@ -54,39 +83,62 @@ class Head(nn.Module):
     def __call__(self, x, vis):
         c = self.config
         for name in head_names(c)[:-1]:
-            x = TransformerBlock(
-                c.channel_heads[0],
-                c.spatial_heads[0],
-                c.spatial_dim_head,
-                c.ffn_expansion_factor,
-                c.window_size,
-                c.overlap_ratio,
-                name=name,
-            )(x)
+            x = _level1_block(c, name)(x)
         return Conv3x3(c.out_ch, name="output")(x) + vis
 
 
-def make_feature_fn(cfg):
-    """Jitted (params, vis, ir) -> the head's input: the last level-1 decoder block's output."""
+class Level1(nn.Module):
+    """FusionNet's full-resolution level and head, on [up2_1 | encoder_A | encoder_B] level 1."""
+
+    config: object
+
+    @nn.compact
+    def __call__(self, f, vis):
+        c = self.config
+        up, fa, fb = jnp.split(f, 3, axis=-1)
+        fused = AttentionFusion(
+            c.fusion_channel_heads,
+            c.fusion_spatial_heads,
+            c.fusion_spatial_dim_head,
+            c.window_size,
+            c.overlap_ratio,
+            name="feature_fusion_1",
+        )(fa, fb)
+        x = jnp.concatenate([up, fused], -1)
+        for name in part_names(c, "level1")[1:-1]:  # decoder_level1_*, then refinement_*
+            x = _level1_block(c, name)(x)
+        return Conv3x3(c.out_ch, name="output")(x) + vis
+
+
+TAILS = {"head": Head, "level1": Level1}
+
+
+def make_feature_fn(cfg, part: str = "head"):
+    """Jitted (params, vis, ir) -> the part's input: for the head the last level-1 decoder
+    block's output; for level1 up2_1's output and both encoders' level-1 outputs, concatenated."""
     net = networks.build_model(cfg)
-    last = f"decoder_level1_{cfg.num_blocks[0] - 1}"
+    names = {"head": [f"decoder_level1_{cfg.num_blocks[0] - 1}"]}
+    names["level1"] = ["up2_1", "encoder_A", "encoder_B"]
+    wanted = names[part]
 
     def features(params, vis, ir):
         _, state = net.apply(
             {"params": params},
             vis,
             ir,
-            capture_intermediates=lambda mdl, method: mdl.name == last and method == "__call__",
+            capture_intermediates=lambda mdl, method: mdl.name in wanted and method == "__call__",
             mutable=["intermediates"],
         )
-        return state["intermediates"][last]["__call__"][0]
+        got = [state["intermediates"][n]["__call__"][0] for n in wanted]
+        got = [g[0] if isinstance(g, (list, tuple)) else g for g in got]  # an encoder's level 1
+        return jnp.concatenate(got, -1)
 
     return jax.jit(features)
 
 
-def cache_features(model: infer.Model, pairs: list[data.Pair]):
+def cache_features(model: infer.Model, pairs: list[data.Pair], part: str = "head"):
     """Per frame: float16 features (H, W, C), vis (H, W, 3) and ir (H, W, 1) in [0, 1]."""
-    fn = make_feature_fn(model.config)
+    fn = make_feature_fn(model.config, part)
     frames = []
     for k, p in enumerate(pairs):
         vis = data.to_float(data.read_image(p.a, "RGB"))
@@ -125,14 +177,15 @@ def train_head(
     batch,
     seed,
     kind,
+    part="head",
     stop_after=None,
     on_save=None,
     save_every=0,
 ):
-    """The model's params with the head's trained: a cosine of `steps` steps, run to its end or
+    """The model's params with the part's trained: a cosine of `steps` steps, run to its end or
     to `stop_after`."""
-    head = Head(model.config)
-    names = head_names(model.config)
+    head = TAILS[part](model.config)
+    names = part_names(model.config, part)
     hp = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), {k: model.params[k] for k in names})
     schedule = optax.cosine_decay_schedule(lr, steps, alpha=min(1.0, 1e-7 / lr))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
@@ -182,6 +235,13 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=pathlib.Path, default=pathlib.Path(data.DATA_ROOT))
     p.add_argument("--train", nargs="+", default=["msrs/train"], help="splits under --data")
     p.add_argument("--kind", default="ivf", choices=("ivf", "medical"), help="loss weight table")
+    p.add_argument(
+        "--part",
+        default="head",
+        choices=PARTS,
+        help="what trains: the head (refinement blocks + output conv), or level1: also "
+        "feature_fusion_1 and the decoder_level1 blocks",
+    )
     p.add_argument("--steps", type=int, default=800, help="length of the cosine schedule")
     p.add_argument(
         "--stop-after",
@@ -225,6 +285,7 @@ def main(argv=None) -> int:
             "train": args.train,
             "frames": len(pairs),
             **{k: getattr(args, k) for k in ("kind", "steps", "lr", "crop", "batch", "seed")},
+            **({"part": args.part} if args.part != "head" else {}),
         },
         "storage_dtype": args.dtype,
     }
@@ -234,7 +295,7 @@ def main(argv=None) -> int:
         print(f"{path}: head step {step}, sha256 {sha}", flush=True)
 
     t0 = time.perf_counter()
-    frames = cache_features(model, pairs)
+    frames = cache_features(model, pairs, args.part)
     log.info("cached the features of %d frames in %.0f s", len(frames), time.perf_counter() - t0)
     params = train_head(
         model,
@@ -246,6 +307,7 @@ def main(argv=None) -> int:
         batch=args.batch,
         seed=args.seed,
         kind=args.kind,
+        part=args.part,
         save_every=args.save_every,
         on_save=lambda s, prm: save(
             args.out.with_name(f"{args.out.stem}_step{s}{args.out.suffix}"), s, prm

@@ -92,3 +92,46 @@ def test_trains_only_the_head_and_writes_a_weight_file(tmp_path, tiny_student):
     final = infer.load_model(tmp_path / "all.msgpack")
     assert final.meta["step"] == 3 and not (tmp_path / "all_step3.msgpack").exists()
     assert not np.array_equal(final.params["output"]["kernel"], trained.params["output"]["kernel"])
+
+
+def test_level1_is_the_networks_full_resolution_level(tmp_path, tiny_student):
+    cfg, params = tiny_student
+    model = infer.Model(params=params, config=cfg, source="tiny")
+    root = tmp_path / "data"
+    _write_split(root / "toy", [(64, 96)], seed=1)
+    pairs = data.split_pairs(data.find_splits(root / "toy")[0], root)
+    ((f, vis, ir),) = fh.cache_features(model, pairs, "level1")
+    assert f.dtype == np.float16 and f.shape == (64, 96, 3 * cfg.dim)
+    want = networks.build_model(cfg).apply({"params": params}, vis[None], ir[None])
+    names = fh.part_names(cfg, "level1")
+    assert names[0] == "feature_fusion_1" and names[-1] == "output"
+    assert set(fh.head_names(cfg)) < set(names) and all(n in params for n in names)
+    got = fh.Level1(cfg).apply(
+        {"params": {k: params[k] for k in names}}, f[None].astype(np.float32), vis[None]
+    )
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-3)
+    # up2_1's output, then encoder_A's and encoder_B's level 1: swapping the encoders' thirds
+    # gives another image
+    a, b, c = np.split(f, 3, -1)
+    swapped = fh.Level1(cfg).apply(
+        {"params": {k: params[k] for k in names}},
+        np.concatenate([a, c, b], -1)[None].astype(np.float32),
+        vis[None],
+    )
+    assert np.abs(np.asarray(swapped) - np.asarray(want)).max() > 1e-2
+
+
+def test_level1_trains_its_part_only(tmp_path, tiny_student):
+    cfg, params = tiny_student
+    weights = tmp_path / "tiny.msgpack"
+    checkpoint.save_params(weights, params, cfg, {"stage": "student", "step": 5, "quality": 0.5})
+    _write_split(tmp_path / "data" / "toy", [(64, 64)] * 3)
+    out = tmp_path / "l1.msgpack"
+    argv = ["--weights", str(weights), "--data", str(tmp_path / "data"), "--train", "toy"]
+    argv += ["--steps", "2", "--lr", "1e-2", "--crop", "32", "--batch", "2", "--dtype", "float32"]
+    assert fh.main([*argv, "--part", "level1", "--out", str(out)]) == 0
+    trained = infer.load_model(out)
+    before, after = flatten_dict(params), flatten_dict(trained.params)
+    changed = {k[0] for k in before if not np.array_equal(np.asarray(before[k]), after[k])}
+    assert changed == set(fh.part_names(cfg, "level1"))
+    assert trained.meta["finetune_head"]["part"] == "level1"

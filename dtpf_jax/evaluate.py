@@ -279,6 +279,15 @@ GALLERY_PAD = 6
 GALLERY_LINE = 14  # pixels per text line (Pillow's built-in font)
 
 
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text`, cut and ended with '...' where it would run wider than `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
 def gallery_image(
     ev: Evaluation,
     max_images: int = 4,
@@ -288,7 +297,7 @@ def gallery_image(
     """The first `max_images` pairs as one RGB image: a row per pair, columns vis | ir | each
     method's fused image (thumbnails fitted into side x side, as the HTML's), a label above
     each column, the pair's name under its visible image and its `keys` scores under each
-    fused image."""
+    fused image. Text wider than its column is cut short with '...'."""
     shown = ev.pairs if max_images <= 0 else ev.pairs[:max_images]
     keys = [k for k in keys if k in ev.metric_names]
     font = ImageFont.load_default()
@@ -311,12 +320,14 @@ def gallery_image(
     page = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(page)
     for c, label in enumerate(labels):
+        label = _fit_text(draw, label, font, side)
         draw.text((GALLERY_PAD + c * cell_w, GALLERY_PAD // 2), label, fill="black", font=font)
     y = GALLERY_PAD + GALLERY_LINE
     for r, h in zip(rows, row_h, strict=True):
         for c, (t, caption) in enumerate(r):
             x = GALLERY_PAD + c * cell_w
             page.paste(t, (x, y))
+            caption = _fit_text(draw, caption, font, side)
             draw.text((x, y + t.height + 1), caption, fill="black", font=font)
         y += h
     return np.asarray(page)

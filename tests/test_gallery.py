@@ -41,6 +41,22 @@ def test_gallery_layout_and_cells(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["g.png"]  # written atomically
 
 
+def test_gallery_cuts_long_names_to_their_column(tmp_path):
+    methods = ("m" * 60, "b")  # 60 m's: about 360 px in the built-in font, the column 256
+    dirs = make_folders(tmp_path, methods=methods, names=("x" * 60,))
+    out = tmp_path / "g.png"
+    assert run(dirs, "--gallery", out, methods=methods) == 0
+    page = read_image(out, "RGB").min(-1)
+    labels = page[: PAD + LINE]
+    x2, x3 = PAD + 2 * (256 + PAD), PAD + 3 * (256 + PAD)
+    assert labels[:, x2 + 200 : x2 + 256].min() < 100  # the long label fills its column ...
+    assert labels[:, x2 + 256 : x3].min() > 200  # ... and stops before the gap
+    assert labels[:, x3 + 12 : x3 + 256].min() > 200  # "b" alone in its column
+    _, name = cell(page[..., None], 0, 0, 48, 56)
+    gap = page[PAD + LINE + 48 + 1 : PAD + LINE + 48 + LINE, PAD + 256 : PAD + 256 + PAD]
+    assert name.min() < 100 and gap.min() > 200  # the pair's long name, cut at its column
+
+
 def test_gallery_needs_png_name(tmp_path, capsys):
     dirs = make_folders(tmp_path)
     assert run(dirs, "--gallery", tmp_path / "g.jpg") == 2

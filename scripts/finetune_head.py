@@ -117,9 +117,10 @@ def make_feature_fn(cfg, part: str = "head"):
     """Jitted (params, vis, ir) -> the part's input: for the head the last level-1 decoder
     block's output; for level1 up2_1's output and both encoders' level-1 outputs, concatenated."""
     net = networks.build_model(cfg)
-    names = {"head": [f"decoder_level1_{cfg.num_blocks[0] - 1}"]}
-    names["level1"] = ["up2_1", "encoder_A", "encoder_B"]
-    wanted = names[part]
+    wanted = {
+        "head": [f"decoder_level1_{cfg.num_blocks[0] - 1}"],
+        "level1": ["up2_1", "encoder_A", "encoder_B"],
+    }[part]
 
     def features(params, vis, ir):
         _, state = net.apply(
@@ -285,6 +286,7 @@ def main(argv=None) -> int:
             "train": args.train,
             "frames": len(pairs),
             **{k: getattr(args, k) for k in ("kind", "steps", "lr", "crop", "batch", "seed")},
+            # recorded for level1 only: a head run's record stays as the shipped file's
             **({"part": args.part} if args.part != "head" else {}),
         },
         "storage_dtype": args.dtype,
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
 
     def save(path: pathlib.Path, step: int, params, record: pathlib.Path | None = None) -> None:
         sha = write_weights(path, params, model.config, meta, step, args.dtype, record)
-        print(f"{path}: head step {step}, sha256 {sha}", flush=True)
+        print(f"{path}: {args.part} step {step}, sha256 {sha}", flush=True)
 
     t0 = time.perf_counter()
     frames = cache_features(model, pairs, args.part)

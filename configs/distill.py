@@ -28,7 +28,7 @@ Expected result: validation quality (clean convention) rising towards the teache
 import ml_collections
 
 from dtpf_jax import config_lib
-from dtpf_jax.data import default_config as data_config
+from dtpf_jax.datasets import default_config as data_config
 from dtpf_jax.networks import model_config
 
 VARIANTS = {"nodistill", "official", "smoke"}
@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.feature_weight = 0.1  # weight of the 4-level decoder-feature term
     config.result_weight = 1.0  # weight of the student-vs-teacher output term
 
-    # Data (dtpf_jax/data.py documents every field); validation names are kept out of training.
+    # Data (dtpf_jax/datasets.py documents every field); validation names are kept out of training.
     config.data = data_config("ivf")
     config.data.train = ("msrs/train", "msrs_128/train")
     config.data.val = config.data.train

@@ -28,7 +28,7 @@ weights; real runs first write captions and their CLIP embedding cache:
 import ml_collections
 
 from dtpf_jax import config_lib
-from dtpf_jax.data import default_config as data_config
+from dtpf_jax.datasets import default_config as data_config
 from dtpf_jax.networks import model_config
 
 VARIANTS = {"official", "smoke"}
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = model_config("teacher")
     config.init_weights = ""  # params-only teacher file to start from (fresh optimizer)
 
-    # Data (dtpf_jax/data.py documents every field). Pairs whose name is in the validation set
+    # Data (dtpf_jax/datasets.py documents every field). Pairs whose name is in the validation set
     # are dropped from training: 16 of the 34 msrs/train scenes also lie in msrs_128/train.
     config.data = data_config("ivf")
     config.data.train = ("msrs/train", "msrs_128/train")  # first 95 % of each (train_split)

@@ -24,7 +24,7 @@ from flax import serialization
 from flax.traverse_util import flatten_dict
 
 from dtpf_jax import networks
-from dtpf_jax.data import atomic_write
+from dtpf_jax.images import atomic_write
 
 if TYPE_CHECKING:  # orbax and grain load lazily: fuse and load_model need neither
     import grain

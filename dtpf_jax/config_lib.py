@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import ml_collections
 
-from dtpf_jax.data import default_config as data_config
+from dtpf_jax.datasets import default_config as data_config
 
 MED_TASKS = ("pet_mri", "spect_mri", "ct_mri")
 

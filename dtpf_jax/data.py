@@ -1,4 +1,4 @@
-"""Paired image sources: layouts, pairing by name, decoding, grain pipelines, `check` CLI."""
+"""Grain pipelines over dataset pairs (training crops, whole-image eval), `check` CLI."""
 
 from __future__ import annotations
 
@@ -6,311 +6,23 @@ import argparse
 import collections
 import dataclasses
 import functools
-import io
 import logging
 import os
 import pathlib
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 
 import grain
 import jax
 import numpy as np
 from ml_collections import ConfigDict
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-class DataError(ValueError):
-    """A problem with input files, stated in one line that names the file and the fix."""
-
-
-def image_files(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
-    """Image files of a folder keyed by basename without extension."""
-    folder = pathlib.Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder; pass an existing folder of images")
-    found: dict[str, pathlib.Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):
-            if p.stem in found:
-                raise DataError(
-                    f"{folder}: both {found[p.stem].name} and {p.name} have the name "
-                    f"'{p.stem}'; keep one file per name"
-                )
-            found[p.stem] = p
-    return found
-
-
-def pair_by_name(
-    folders: Sequence[str | os.PathLike], roles: Sequence[str] | None = None
-) -> list[tuple[str, tuple[pathlib.Path, ...]]]:
-    """Match the files of several folders by basename (ignoring extension), never by order.
-
-    Returns [(name, (path_in_folder0, path_in_folder1, ...)), ...] sorted by name.
-    Raises DataError listing the names missing from some folder, or when nothing matches.
-    """
-    roles = list(roles or [pathlib.Path(f).name for f in folders])
-    files = [image_files(f) for f in folders]
-    names = set().union(*files)
-    common = sorted(set.intersection(*(set(f) for f in files)))
-    if not names:
-        raise DataError(f"{folders[0]}: no images found ({', '.join(IMAGE_EXTS)})")
-    unmatched = []
-    for role, folder, fs in zip(roles, folders, files, strict=True):
-        missing = sorted(names - set(fs))
-        if missing:
-            unmatched.append(f"{len(missing)} missing in {folder} ({role}): {_short(missing)}")
-    if unmatched:
-        raise DataError(
-            "unmatched file names: "
-            + "; ".join(unmatched)
-            + "; every image needs a partner with the same basename in each folder"
-        )
-    return [(n, tuple(fs[n] for fs in files)) for n in common]
-
-
-def _short(names: Sequence[str], k: int = 5) -> str:
-    shown = ", ".join(names[:k])
-    return shown + (f", … (+{len(names) - k} more)" if len(names) > k else "")
-
-
-def read_image(path: str | os.PathLike, mode: str) -> np.ndarray:
-    """Decode an image as uint8 'RGB' (H, W, 3) or 'L' (H, W).
-
-    16-bit images are scaled to 8 bits, palette/alpha images are flattened (alpha dropped),
-    gray images are repeated to RGB and RGB images converted to gray (BT.601) when asked.
-    """
-    path = pathlib.Path(path)
-    if mode not in ("RGB", "L"):
-        raise ValueError(f"mode must be 'RGB' or 'L', not {mode!r}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
-                arr = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-                img = Image.fromarray(arr, mode="L")
-            elif img.mode == "F":
-                arr = np.asarray(img, dtype=np.float64)
-                scale = 255.0 if arr.max() <= 1.0 else 1.0
-                img = Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8))
-            elif img.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1"):
-                img = img.convert("RGBA" if img.mode in ("P", "PA") else "RGB")
-            out = np.asarray(img.convert(mode), dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image file; remove it or convert it to PNG/JPEG") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(
-            f"{path}: cannot decode ({e}); the file may be truncated or corrupt"
-        ) from None
-    return out
-
-
-def atomic_write(path: str | os.PathLike, payload: bytes | str) -> None:
-    """Write a file so that a reader never sees it half-written (temp file + rename).
-
-    The file gets the usual permissions (0666 minus the umask), not mkstemp's 0600.
-    """
-    path = pathlib.Path(path)
-    data = payload.encode() if isinstance(payload, str) else payload
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write an 8-bit PNG atomically."""
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"expected uint8 image, got {arr.dtype}")
-    buf = io.BytesIO()
-    Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr).save(
-        buf, format="PNG"
-    )
-    atomic_write(path, buf.getvalue())
-
-
-def to_float(image: np.ndarray) -> np.ndarray:
-    """uint8 (H, W[, C]) -> float32 in [0, 1] with a channel axis."""
-    arr = image.astype(np.float32) / 255.0
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """float in [0, 1] -> uint8 with rounding (clipped)."""
-    return np.clip(np.round(np.asarray(image, np.float64) * 255.0), 0, 255).astype(np.uint8)
-
+from dtpf_jax.datasets import Pair, Split, find_splits, relative_split, source_pairs
+from dtpf_jax.images import DataError, abbreviate, image_files, read_image, to_float
+from dtpf_jax.text import pair_priors
 
 log = logging.getLogger(__name__)
-
-
-def show_info_logs(fmt: str = "%(message)s") -> None:
-    """Let a command-line run's INFO lines through to stderr. Importing grain (as this module
-    does) gives the root logger a handler, after which `logging.basicConfig` does nothing and
-    the level stays WARNING, so the level is lowered here as well."""
-    logging.basicConfig(level=logging.INFO, format=fmt)
-    logging.getLogger().setLevel(logging.INFO)
-
-
-# Default dataset root: $DTPF_DATA, else ../shared/data beside the repository.
-DATA_ROOT = os.environ.get(
-    "DTPF_DATA", str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
-)
-
-
-def default_config(kind: str = "ivf") -> ConfigDict:
-    """Data config; configs/*.py call this and override fields."""
-    if kind not in ("ivf", "medical"):
-        raise ValueError(f"kind must be 'ivf' or 'medical', not {kind!r}")
-    ivf = kind == "ivf"
-    c = ConfigDict()
-    c.kind = kind  # 'ivf' | 'medical': task-weight table (losses.TASK_TABLES) and layouts accepted
-    c.root = DATA_ROOT  # base of relative folders below and of the caption tree
-    # Folders, each a split (holding vi/ir, Vis/Ir, ct|pet|spect + mri…) or a tree of splits.
-    c.train = ("msrs/train",) if ivf else ("harvard/pet_mri/train",)  # combined for training
-    c.train_split = (0.0, 0.95)  # (lo, hi) fraction of each split's name-sorted pairs
-    c.val = c.train  # validation folders (official: last 5 % of the train folder)
-    c.val_split = (0.95, 1.0)
-    c.test = ("msrs/test",) if ivf else ("harvard/pet_mri/test",)  # test folders, used whole
-    c.test_split = (0.0, 1.0)
-    c.crop = 128  # training crop side; smaller images are reflect-padded (one warning)
-    # Caption tree mirroring `root` (as `python -m dtpf_jax.text caption ROOT --out DIR` writes
-    # it): files for split <root>/P are read from <captions>/P (or <captions>/P/text).
-    # '' = no captions: every sample gets the 'default' weights and an all-zero embedding.
-    c.captions = ""
-    c.text_mode = "template"  # 'template' (official: event names only) | 'full' (whole caption)
-    c.embeddings = ""  # embedding cache; '' = <captions>/clip_<text_mode>.npz
-    c.text_dim = 512  # text-embedding width (CLIP ViT-B/32 projection)
-    c.seed = 3407  # shuffle/augmentation seed when make_train_iter gets none (official seed)
-    c.num_workers = 0  # grain worker processes (each pool costs seconds to start)
-    c.read_threads = 2  # threads decoding samples in each process
-    c.prefetch = 8  # batches read ahead per process
-    return c
-
-
-def resolve_folder(cfg: ConfigDict, entry: str) -> pathlib.Path:
-    """A config folder entry, absolute or relative to cfg.root."""
-    p = pathlib.Path(os.path.expanduser(entry))
-    return p if p.is_absolute() else pathlib.Path(cfg.root) / p
-
-
-# (A folder, B folder) names of IVF layouts, compared lower-case, in order of preference.
-IVF_LAYOUTS = (("vi", "ir"), ("vis", "ir"), ("crop_lr_visible", "cropinfrared"))
-MED_A = ("ct", "pet", "spect")
-MED_B = "mri"
-_SKIP_DIRS = {"text", "captions", "__pycache__"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """A folder whose A and B subfolders hold one dataset split, paired by name."""
-
-    path: pathlib.Path
-    a_dir: pathlib.Path
-    b_dir: pathlib.Path
-    kind: str  # 'ivf' | 'medical'
-
-
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    """One image pair; `split` is its split folder relative to the dataset root ('.' if equal)."""
-
-    name: str
-    a: str
-    b: str
-    split: str
-
-
-def split_of(folder: str | os.PathLike) -> Split | None:
-    """The Split held directly by `folder` (IVF vi/ir-like or medical ct|pet|spect + mri)."""
-    folder = pathlib.Path(folder)
-    subs = {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir()}
-    for a, b in IVF_LAYOUTS:
-        if a in subs and b in subs:
-            return Split(folder, subs[a], subs[b], "ivf")
-    for a in MED_A:
-        if a in subs and MED_B in subs:
-            return Split(folder, subs[a], subs[MED_B], "medical")
-    return None
-
-
-def find_splits(root: str | os.PathLike, max_depth: int = 5) -> list[Split]:
-    """Every Split at or below `root` (the root itself when it is one), sorted by path."""
-    root = pathlib.Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: not a folder; pass a dataset folder")
-    found, todo = [], [(root, 0)]
-    while todo:
-        folder, depth = todo.pop()
-        split = split_of(folder)
-        if split is not None:
-            found.append(split)
-        elif depth < max_depth:
-            for p in sorted(folder.iterdir()):
-                if p.is_dir() and p.name.lower() not in _SKIP_DIRS and not p.name.startswith("."):
-                    todo.append((p, depth + 1))
-    return sorted(found, key=lambda s: str(s.path))
-
-
-def relative_split(split: Split, base: str | os.PathLike) -> str:
-    """POSIX path of a split folder relative to `base` ('.' when equal)."""
-    return pathlib.Path(
-        os.path.relpath(split.path.resolve(), pathlib.Path(base).resolve())
-    ).as_posix()
-
-
-def span_slice(n: int, span: Sequence[float]) -> slice:
-    """Index range [floor(lo·n), floor(hi·n)) of a (lo, hi) fraction of n sorted items."""
-    lo, hi = float(span[0]), float(span[1])
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"split range must satisfy 0 <= lo <= hi <= 1, got {tuple(span)}")
-    return slice(int(lo * n + 1e-9), int(hi * n + 1e-9))
-
-
-def split_pairs(
-    split: Split, base: str | os.PathLike, span: Sequence[float] = (0, 1)
-) -> list[Pair]:
-    """Pairs of a split within the fraction `span` of its name-sorted list."""
-    pairs = pair_by_name([split.a_dir, split.b_dir], roles=("A", "B"))
-    rel = relative_split(split, base)
-    return [Pair(n, str(a), str(b), rel) for n, (a, b) in pairs[span_slice(len(pairs), span)]]
-
-
-def source_pairs(cfg: ConfigDict, role: str = "train") -> list[Pair]:
-    """Pairs of the cfg.<role> folders within cfg.<role>_split, in config then name order."""
-    pairs: list[Pair] = []
-    for entry in cfg[role]:
-        folder = resolve_folder(cfg, entry)
-        splits = find_splits(folder)
-        if not splits:
-            raise DataError(
-                f"{folder}: no dataset layout found (vi/ir, Vis/Ir, crop_LR_visible/cropinfrared, "
-                f"ct|pet|spect + mri); check data.{role} and data.root"
-            )
-        inside = folder.resolve().is_relative_to(pathlib.Path(cfg.root).resolve())
-        for split in splits:
-            if split.kind != cfg.kind:
-                raise DataError(f"{split.path}: {split.kind} layout but data.kind is {cfg.kind!r}")
-            pairs += split_pairs(split, cfg.root if inside else folder, cfg[f"{role}_split"])
-    if not pairs:
-        raise DataError(
-            f"data.{role}: no pairs in {list(cfg[role])} for range {cfg[role + '_split']}"
-        )
-    return pairs
 
 
 def check_pair_sizes(pairs: Sequence[Pair], crop: int) -> None:
@@ -326,7 +38,7 @@ def check_pair_sizes(pairs: Sequence[Pair], crop: int) -> None:
                 small.append(f"{p.split}/{p.name}")
     if mismatched:
         raise DataError(
-            f"A and B sizes differ in {len(mismatched)} pairs: {_short(mismatched)}; "
+            f"A and B sizes differ in {len(mismatched)} pairs: {abbreviate(mismatched)}; "
             "register or resize the pairs"
         )
     if small:
@@ -335,14 +47,12 @@ def check_pair_sizes(pairs: Sequence[Pair], crop: int) -> None:
             len(small),
             len(pairs),
             crop,
-            _short(small),
+            abbreviate(small),
         )
 
 
 def _records(cfg: ConfigDict, pairs: Sequence[Pair], names: bool = True) -> list[dict]:
-    from dtpf_jax import text  # text imports this module
-
-    emb, weights = text.pair_priors(cfg, pairs)
+    emb, weights = pair_priors(cfg, pairs)
     recs = [
         {"a": p.a, "b": p.b} | ({"name": p.name, "split": p.split} if names else {}) for p in pairs
     ]
@@ -489,7 +199,7 @@ def check_split(split: Split, base: pathlib.Path) -> tuple[list[str], list[str],
         missing = sorted(set(files[1 - i]) - set(files[i]))
         if missing:
             problems.append(
-                f"{len(missing)} names without a partner in {roles[i]}/: {_short(missing)}"
+                f"{len(missing)} names without a partner in {roles[i]}/: {abbreviate(missing)}"
             )
     sizes, modes = collections.Counter(), [collections.Counter(), collections.Counter()]
     mismatched, colour_b = [], []
@@ -507,7 +217,7 @@ def check_split(split: Split, base: pathlib.Path) -> tuple[list[str], list[str],
         if mb in ("RGB", "RGBA", "P"):
             colour_b.append(name)
     if mismatched:
-        problems.append(f"A/B size mismatch in {len(mismatched)} pairs: {_short(mismatched)}")
+        problems.append(f"A/B size mismatch in {len(mismatched)} pairs: {abbreviate(mismatched)}")
     mode_text = " | ".join(
         f"{r}: " + ", ".join(f"{m} {n}" for m, n in c.most_common())
         for r, c in zip(roles, modes, strict=True)
@@ -520,7 +230,7 @@ def check_split(split: Split, base: pathlib.Path) -> tuple[list[str], list[str],
     if colour_b:
         lines.append(
             f"  note   {len(colour_b)} colour {roles[1]} images are read as luma: "
-            f"{_short(colour_b)}"
+            f"{abbreviate(colour_b)}"
         )
     lines += [f"  PROBLEM {p}" for p in problems]
     return lines, problems, sum(sizes.values())

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dtpf_jax.data import read_image, to_uint8, write_png_atomic
+from dtpf_jax.images import read_image, to_uint8, write_png_atomic
 
 DEMO_SIZE = (192, 256)
 HTML_IMAGES = 50

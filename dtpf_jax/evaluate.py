@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from dtpf_jax import metrics
-from dtpf_jax.data import DataError, atomic_write, pair_by_name, read_image, write_png_atomic
+from dtpf_jax.images import DataError, atomic_write, pair_by_name, read_image, write_png_atomic
 
 THUMB_SIDE = 192
 FORMATS = {"Nabf": ".6f", "MSE": ".6f", "SD": ".3f", "SF": ".3f", "AG": ".3f", "PSNR": ".3f"}

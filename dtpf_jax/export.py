@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from dtpf_jax import checkpoint, parallel, train
-from dtpf_jax.data import atomic_write
+from dtpf_jax.images import atomic_write
 
 
 def restore_network(workdir: str | os.PathLike, step: int = 0):

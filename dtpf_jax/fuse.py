@@ -28,13 +28,13 @@ import numpy as np
 
 from dtpf_jax import demo, infer
 from dtpf_jax.checkpoint import WeightsError
-from dtpf_jax.data import (
-    MED_A,
+from dtpf_jax.datasets import MED_A, Pair
+from dtpf_jax.images import (
     DataError,
-    Pair,
     atomic_write,
     pair_by_name,
     read_image,
+    refuse_shared,
     to_float,
     to_uint8,
     write_png_atomic,
@@ -98,8 +98,6 @@ def check_inputs(jobs: Sequence[Job]) -> None:
 
 def prepare_out(out: pathlib.Path) -> None:
     """Create the output folder if needed and check that files can be written there."""
-    from dtpf_jax.text import refuse_shared
-
     refuse_shared(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -128,19 +126,21 @@ def text_embeddings(args, model: infer.Model, jobs: Sequence[Job]) -> list:
             f'{model.source}: a teacher needs a caption; pass --text "Event Type: ..." '
             "or --captions DIR (a <name>.txt per pair)"
         )
-    from dtpf_jax import text
+    from dtpf_jax import captions, text
 
     if args.text is not None:
         strings = [args.text] * len(jobs)
     else:
         strings, missing = [], []
         for j in jobs:
-            path = text.caption_file(pathlib.Path(args.captions), Pair(j.name, j.vis, j.ir, "."))
+            path = captions.caption_file(
+                pathlib.Path(args.captions), Pair(j.name, j.vis, j.ir, ".")
+            )
             if path is None:
                 missing.append(j.name)
                 continue
-            records = text.parse_caption(path.read_text(encoding="utf-8", errors="replace"))
-            strings.append(text.clip_string(records, args.text_mode)[0])
+            records = captions.parse_caption(path.read_text(encoding="utf-8", errors="replace"))
+            strings.append(captions.clip_string(records, args.text_mode)[0])
         if missing:
             raise DataError(
                 f"{args.captions}: no caption file for {len(missing)} pairs "

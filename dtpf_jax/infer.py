@@ -459,7 +459,7 @@ def _as_images(x, mode: str) -> tuple[np.ndarray, bool]:
 
 
 def _pil_array(img, mode: str) -> np.ndarray:
-    """PIL image -> uint8 'RGB' / 'L' array, 16-bit and palette/alpha images as data.read_image."""
+    """PIL image -> uint8 'RGB' / 'L' array, 16-bit and palette/alpha as images.read_image."""
     from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):

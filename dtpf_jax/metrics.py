@@ -4,7 +4,7 @@ A = visible, B = infrared, F = fused; the metric functions take 2-D gray arrays 
 levels 0..255 (any dtype). Two calling conventions turn decoded images into those arrays:
 
 * ``clean``: gray images through Pillow's ``convert('L')`` (the rounded BT.601 gray that
-  `data.read_image(path, 'L')` gives); float inputs are rounded. EN and SF of the gray F.
+  `images.read_image(path, 'L')` gives); float inputs are rounded. EN and SF of the gray F.
 * ``dtpf_table``: the official test.py (METRICS §4): float inputs truncated by
   ``int32(clip(x*255))``, every image seen as RGB (gray ones repeated, so the IR is too), gray =
   floor(0.2989 R + 0.5870 G + 0.1140 B) (weights sum to 0.9999, so equal channels v give v-1),
@@ -26,7 +26,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from dtpf_jax.data import to_uint8
+from dtpf_jax.images import to_uint8
 
 CONVENTIONS = ("clean", "dtpf_table")
 METRICS = (

@@ -35,7 +35,17 @@ import optax
 from absl import app, flags, logging
 from jax import lax
 
-from dtpf_jax import checkpoint, data, losses, metrics, networks, parallel, text
+from dtpf_jax import (
+    checkpoint,
+    data,
+    datasets,
+    images,
+    losses,
+    metrics,
+    networks,
+    parallel,
+    text,
+)
 from dtpf_jax.infer import Fuser
 from dtpf_jax.report import NonFiniteLossError, Reporter
 
@@ -337,14 +347,14 @@ def init_from_weights(state: State, config: ml_collections.ConfigDict, mesh) -> 
     return state | {"params": state["params"] | {"net": net}}
 
 
-def train_pairs(cfg: ml_collections.ConfigDict) -> list[data.Pair]:
+def train_pairs(cfg: ml_collections.ConfigDict) -> list[datasets.Pair]:
     """Training pairs minus every pair whose name is a validation pair's.
 
     The same scene can sit in two training folders (16 of the 34 msrs/train frames are also in
     msrs_128/train), so a split by position alone would leak validation scenes into training.
     """
-    pairs = data.source_pairs(cfg, "train")
-    held_out = {p.name for p in data.source_pairs(cfg, "val")} if cfg.val else set()
+    pairs = datasets.source_pairs(cfg, "train")
+    held_out = {p.name for p in datasets.source_pairs(cfg, "val")} if cfg.val else set()
     kept = [p for p in pairs if p.name not in held_out]
     if len(kept) < len(pairs):
         dropped = sorted({f"{p.split}/{p.name}" for p in pairs if p.name in held_out})
@@ -357,7 +367,7 @@ def train_pairs(cfg: ml_collections.ConfigDict) -> list[data.Pair]:
 
 def make_train_iter(
     cfg: ml_collections.ConfigDict,
-    pairs: list[data.Pair],
+    pairs: list[datasets.Pair],
     *,
     global_batch: int,
     seed: int,
@@ -404,7 +414,7 @@ def validate(
             )
         )
         if grid is None:
-            grid = data.to_uint8(np.concatenate([ex["vis"], ex["ir"].repeat(3, -1), fused], 1))
+            grid = images.to_uint8(np.concatenate([ex["vis"], ex["ir"].repeat(3, -1), fused], 1))
     return metrics.mean_scores(scores), grid
 
 
@@ -426,7 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     mesh = parallel.make_mesh()
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        data.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
+        images.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
     logging.info(
         "%s stage, %d devices, global batch %d, workdir %s",
         config.stage,
@@ -508,7 +518,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     except NonFiniteLossError as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
-    except (data.DataError, checkpoint.WeightsError) as e:
+    except (images.DataError, checkpoint.WeightsError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -23,7 +23,7 @@ there (DESIGN §11). `python -m dtpf_jax.fuse` / `.evaluate` / `.train` re-execu
 under `dtpf_jax.malloc.TUNED` (fewer page faults); --malloc-tuned re-runs this script under
 the same setting, to measure what the CLIs get. The header prints the setting in force.
 
-Runs unchanged on a GPU (no transformers, no training stack); the CLI figure needs grain.
+Runs unchanged on a GPU (no transformers, no training stack).
 """
 
 from __future__ import annotations
@@ -163,8 +163,8 @@ def bench_one(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
 
 def bench_cli(n: int, h: int, w: int, folder: str | None) -> dict:
     """Images/s of the fuse CLI's loop (read, fuse, write) with the default student."""
-    from dtpf_jax import demo, fuse  # need the data stack (grain), unlike the rest of this script
-    from dtpf_jax.data import write_png_atomic
+    from dtpf_jax import demo, fuse
+    from dtpf_jax.images import write_png_atomic
 
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)

@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-from dtpf_jax import data, text
+from dtpf_jax import captions, datasets
+from dtpf_jax.images import read_image, refuse_shared
 
 IVF_EVENTS = ("Low Light", "Over Exposure", "IR Low Contrast", "High Noise", "IR Noise",
               "Motion Blur", "Sensor Artifact")  # fmt: skip
@@ -70,7 +71,7 @@ def build_messages(kind: str) -> list[dict]:
 
 def clean_caption(reply: str, kind: str) -> str:
     """The model's reply as canonical two-line records ('' when it holds no record)."""
-    records = text.parse_caption(reply, kind)
+    records = captions.parse_caption(reply, kind)
     return "".join(f"Event Type: {r.event}\nDescription: {r.description}\n" for r in records)
 
 
@@ -115,15 +116,15 @@ def caption_tree(
 ) -> dict[str, int]:
     """Caption every pair under `root` into out/<split>/; number of empty replies per split."""
     root, out = pathlib.Path(root), pathlib.Path(out)
-    text.refuse_shared(out)
+    refuse_shared(out)
     empty = {}
-    for split in data.find_splits(root):
-        rel = data.relative_split(split, root)
+    for split in datasets.find_splits(root):
+        rel = datasets.relative_split(split, root)
         (out / rel).mkdir(parents=True, exist_ok=True)
         empty[rel] = 0
-        for p in data.split_pairs(split, root):
-            images = [Image.fromarray(data.read_image(p.a, "RGB")),
-                      Image.fromarray(data.read_image(p.b, "L")).convert("RGB")]  # fmt: skip
+        for p in datasets.split_pairs(split, root):
+            images = [Image.fromarray(read_image(p.a, "RGB")),
+                      Image.fromarray(read_image(p.b, "L")).convert("RGB")]  # fmt: skip
             caption = clean_caption(captioner(build_messages(split.kind), images), split.kind)
             empty[rel] += not caption
             name = f"{pathlib.Path(p.a).name}_{pathlib.Path(p.b).name}.txt"

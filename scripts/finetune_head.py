@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dtpf_jax import checkpoint, data, infer, losses, networks
+from dtpf_jax import checkpoint, datasets, images, infer, losses, networks
 from dtpf_jax.blocks import AttentionFusion, Conv3x3, TransformerBlock
 
 log = logging.getLogger("finetune_head")
@@ -137,13 +137,13 @@ def make_feature_fn(cfg, part: str = "head"):
     return jax.jit(features)
 
 
-def cache_features(model: infer.Model, pairs: list[data.Pair], part: str = "head"):
+def cache_features(model: infer.Model, pairs: list[datasets.Pair], part: str = "head"):
     """Per frame: float16 features (H, W, C), vis (H, W, 3) and ir (H, W, 1) in [0, 1]."""
     fn = make_feature_fn(model.config, part)
     frames = []
     for k, p in enumerate(pairs):
-        vis = data.to_float(data.read_image(p.a, "RGB"))
-        ir = data.to_float(data.read_image(p.b, "L"))
+        vis = images.to_float(images.read_image(p.a, "RGB"))
+        ir = images.to_float(images.read_image(p.b, "L"))
         h, w = vis.shape[:2]
         hp, wp = infer.bucket_size(h, "fine"), infer.bucket_size(w, "fine")
         f = fn(
@@ -226,14 +226,14 @@ def write_weights(path, params, model_cfg, meta, step, dtype, record=None) -> st
     if record:
         rec = {"file": pathlib.Path(path).name, "sha256": sha}
         rec |= {"bytes": pathlib.Path(path).stat().st_size, **m, "config": model_cfg.to_dict()}
-        data.atomic_write(record, json.dumps(rec, indent=2, default=list) + "\n")
+        images.atomic_write(record, json.dumps(rec, indent=2, default=list) + "\n")
     return sha
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default="student_ivf", help="shipped student name or weight file")
-    p.add_argument("--data", type=pathlib.Path, default=pathlib.Path(data.DATA_ROOT))
+    p.add_argument("--data", type=pathlib.Path, default=pathlib.Path(datasets.DATA_ROOT))
     p.add_argument("--train", nargs="+", default=["msrs/train"], help="splits under --data")
     p.add_argument("--kind", default="ivf", choices=("ivf", "medical"), help="loss weight table")
     p.add_argument(
@@ -260,20 +260,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=pathlib.Path, help="weight file to write")
     p.add_argument("--record", type=pathlib.Path, help="also write this JSON record of --out")
     args = p.parse_args(argv)
-    data.show_info_logs()
+    images.show_info_logs()
 
     model = infer.load_model(args.weights)
     if model.text_guided:
         p.error(f"{args.weights}: a text-guided network; this script fine-tunes students")
     pairs = []
     for rel in args.train:
-        splits = data.find_splits(args.data / rel)
+        splits = datasets.find_splits(args.data / rel)
         if not splits:
             p.error(f"{args.data / rel}: no vi/ir or A/mri layout")
         for split in splits:
-            found = data.split_pairs(split, args.data)
-            pairs += found[data.span_slice(len(found), (0.0, 0.95))]
-    small = [q.name for q in pairs if min(data.read_image(q.b, "L").shape) < args.crop]
+            found = datasets.split_pairs(split, args.data)
+            pairs += found[datasets.span_slice(len(found), (0.0, 0.95))]
+    small = [q.name for q in pairs if min(images.read_image(q.b, "L").shape) < args.crop]
     if small:
         p.error(f"{len(small)} training frames are smaller than --crop {args.crop}: {small[:4]}")
     meta = {

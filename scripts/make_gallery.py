@@ -19,7 +19,7 @@ import tempfile
 
 from reproduce_results import baseline
 
-from dtpf_jax import data, demo, evaluate, infer
+from dtpf_jax import demo, evaluate, images, infer
 
 
 def write_folders(work: pathlib.Path, model: infer.Model, method: str) -> list[pathlib.Path]:
@@ -29,10 +29,10 @@ def write_folders(work: pathlib.Path, model: infer.Model, method: str) -> list[p
         d.mkdir(parents=True, exist_ok=True)
     for name, kwargs in demo.SCENES.items():
         vis, ir = demo.make_pair(**kwargs)
-        data.write_png_atomic(dirs["vis"] / f"{name}.png", vis)
-        data.write_png_atomic(dirs["ir"] / f"{name}.png", ir)
-        data.write_png_atomic(dirs[method] / f"{name}.png", infer.fuse_images(vis, ir, model))
-        data.write_png_atomic(dirs["max"] / f"{name}.png", baseline(vis, ir, "max"))
+        images.write_png_atomic(dirs["vis"] / f"{name}.png", vis)
+        images.write_png_atomic(dirs["ir"] / f"{name}.png", ir)
+        images.write_png_atomic(dirs[method] / f"{name}.png", infer.fuse_images(vis, ir, model))
+        images.write_png_atomic(dirs["max"] / f"{name}.png", baseline(vis, ir, "max"))
     return [dirs[method], dirs["max"]]
 
 

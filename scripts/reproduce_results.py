@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from dtpf_jax import color, config_lib, data, evaluate, infer, text
+from dtpf_jax import color, config_lib, datasets, evaluate, images, infer, text
 
 IVF_SPLITS = ("msrs/test", "roadscene", "tno", "m3fd")
 MED_SPLITS = ("harvard/pet_mri/test", "harvard/spect_mri/test", "harvard/ct_mri/test")
@@ -61,19 +61,21 @@ def baseline(vis: np.ndarray, ir: np.ndarray, how: str) -> np.ndarray:
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def teacher_embeddings(args, kind: str, root: pathlib.Path, pairs: list[data.Pair]) -> np.ndarray:
-    cfg = data.default_config(kind)
+def teacher_embeddings(
+    args, kind: str, root: pathlib.Path, pairs: list[datasets.Pair]
+) -> np.ndarray:
+    cfg = datasets.default_config(kind)
     cfg.root, cfg.captions, cfg.text_mode = str(root), str(args.captions), args.text_mode
     return text.pair_priors(cfg, pairs)[0]
 
 
-def resolve_split(args, spec: str) -> tuple[data.Split, list[data.Pair], str] | None:
+def resolve_split(args, spec: str) -> tuple[datasets.Split, list[datasets.Pair], str] | None:
     """(split, its pairs, a folder-safe name) of `REL` or `REL:N` (first N pairs by name)."""
     rel, _, n = spec.partition(":")
-    split = data.split_of(args.data / rel)
+    split = datasets.split_of(args.data / rel)
     if split is None:
         return None
-    pairs = data.split_pairs(split, args.data)
+    pairs = datasets.split_pairs(split, args.data)
     if not n:
         return split, pairs, rel
     pairs = pairs[: int(n)]
@@ -87,13 +89,13 @@ def resolve_split(args, spec: str) -> tuple[data.Split, list[data.Pair], str] | 
             if not link.exists():
                 link.symlink_to(path.resolve())
     return (
-        data.Split(sub, sub / split.a_dir.name, sub / split.b_dir.name, split.kind),
+        datasets.Split(sub, sub / split.a_dir.name, sub / split.b_dir.name, split.kind),
         pairs,
         (f"{rel}:{n}"),
     )
 
 
-def fuse_split(args, split: data.Split, pairs, rel: str, models: dict, out: pathlib.Path):
+def fuse_split(args, split: datasets.Split, pairs, rel: str, models: dict, out: pathlib.Path):
     methods = []
     for method, model in models.items():
         if method in ("teacher", "teacher_notext") and (
@@ -110,7 +112,7 @@ def fuse_split(args, split: data.Split, pairs, rel: str, models: dict, out: path
             emb = teacher_embeddings(args, split.kind, args.data, todo)
         t0 = time.perf_counter()
         for k, p in enumerate(todo):
-            vis, ir = data.read_image(p.a, "RGB"), data.read_image(p.b, "L")
+            vis, ir = images.read_image(p.a, "RGB"), images.read_image(p.b, "L")
             if method in BASELINES:
                 fused = baseline(vis, ir, method)
             else:
@@ -121,7 +123,7 @@ def fuse_split(args, split: data.Split, pairs, rel: str, models: dict, out: path
                     t = np.zeros((model.config.text_dim,), np.float32)
                 mode = "tiles" if method == "student_tiles" else args.mode
                 fused = infer.fuse_images(vis, ir, model, text=t, mode=mode)
-            data.write_png_atomic(folder / f"{p.name}.png", fused)
+            images.write_png_atomic(folder / f"{p.name}.png", fused)
         if todo:
             log.info(
                 "%s %s: fused %d pairs in %.1f s", rel, method, len(todo), time.perf_counter() - t0
@@ -140,7 +142,7 @@ def table(ev: evaluate.Evaluation, columns: tuple[str, ...]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=pathlib.Path, default=data.default_config().root)
+    p.add_argument("--data", type=pathlib.Path, default=datasets.default_config().root)
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"))
     p.add_argument("--student", default="", help="student weight file ('' = leave out)")
     p.add_argument(
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
         "tiles, stride 64, Gaussian blending), about 4x the compute of one full pass",
     )
     args = p.parse_args(argv)
-    data.show_info_logs()
+    images.show_info_logs()
     if args.teacher and not args.captions:
         p.error("--teacher needs --captions (the caption tree and its CLIP embedding cache)")
 

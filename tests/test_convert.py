@@ -8,7 +8,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from dtpf_jax import checkpoint, fuse, official
-from dtpf_jax.data import read_image, write_png_atomic
+from dtpf_jax.images import read_image, write_png_atomic
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "convert_official.py"
 _spec = importlib.util.spec_from_file_location("convert_official", SCRIPT)

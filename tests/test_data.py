@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dtpf_jax import data, parallel
+from dtpf_jax import data, datasets, images, parallel
 from dtpf_jax.losses import IVF_TASK_WEIGHTS
 
 
@@ -27,7 +27,7 @@ def _pairs(folder: pathlib.Path, a: str, b: str, names, hw=(20, 24), seed=0) -> 
 
 
 def _cfg(root, train=(".",), **kw):
-    cfg = data.default_config(kw.pop("kind", "ivf"))
+    cfg = datasets.default_config(kw.pop("kind", "ivf"))
     cfg.root = str(root)
     cfg.train = cfg.val = cfg.test = tuple(train)
     cfg.crop, cfg.read_threads, cfg.prefetch = 16, 0, 1
@@ -45,7 +45,7 @@ def test_layouts_are_found_with_their_kind(tmp_path):
     _pairs(tmp_path / "Med/CT-MRI/train", "CT", "MRI", ["e"])
     _pairs(tmp_path / "Med/SPECT-MRI/test", "SPECT", "MRI", ["f"])
     _pairs(tmp_path / "harvard/pet_mri/train", "pet", "mri", ["g"])
-    found = {data.relative_split(s, tmp_path): s for s in data.find_splits(tmp_path)}
+    found = {datasets.relative_split(s, tmp_path): s for s in datasets.find_splits(tmp_path)}
     assert sorted(found) == sorted(
         [
             "msrs/train",
@@ -64,7 +64,7 @@ def test_layouts_are_found_with_their_kind(tmp_path):
         "CT",
         "medical",
     )
-    assert data.find_splits(tmp_path / "msrs/train")[0].path == tmp_path / "msrs/train"
+    assert datasets.find_splits(tmp_path / "msrs/train")[0].path == tmp_path / "msrs/train"
 
 
 def test_pairing_is_by_name_and_unmatched_names_are_listed(tmp_path):
@@ -72,24 +72,24 @@ def test_pairing_is_by_name_and_unmatched_names_are_listed(tmp_path):
     _png(tmp_path / "vi/y.jpg", np.zeros((4, 4, 3)))
     _png(tmp_path / "ir/x.bmp", np.zeros((4, 4)))
     _png(tmp_path / "ir/y.png", np.zeros((4, 4)))
-    pairs = data.split_pairs(data.split_of(tmp_path), tmp_path)
+    pairs = datasets.split_pairs(datasets.split_of(tmp_path), tmp_path)
     assert [(p.name, pathlib.Path(p.a).name, pathlib.Path(p.b).name) for p in pairs] == [
         ("x", "x.png", "x.bmp"), ("y", "y.jpg", "y.png")]  # fmt: skip
     _png(tmp_path / "ir/z.png", np.zeros((4, 4)))
-    with pytest.raises(data.DataError, match=r"1 missing in .*vi \(A\): z"):
-        data.split_pairs(data.split_of(tmp_path), tmp_path)
+    with pytest.raises(images.DataError, match=r"1 missing in .*vi \(A\): z"):
+        datasets.split_pairs(datasets.split_of(tmp_path), tmp_path)
 
 
 def test_split_ranges_partition_the_sorted_pairs(tmp_path):
     _pairs(tmp_path / "train", "vi", "ir", [f"{i:03d}" for i in range(34)], hw=(4, 4))
     cfg = _cfg(tmp_path, ["train"])
-    train, val = data.source_pairs(cfg, "train"), data.source_pairs(cfg, "val")
+    train, val = datasets.source_pairs(cfg, "train"), datasets.source_pairs(cfg, "val")
     assert len(train) == 32 and len(val) == 2  # official: first 95 % / last 5 %
     assert [p.name for p in train + val] == [f"{i:03d}" for i in range(34)]
     assert train[0].split == "train"
     cfg.kind = "medical"
-    with pytest.raises(data.DataError, match="ivf layout"):
-        data.source_pairs(cfg, "train")
+    with pytest.raises(images.DataError, match="ivf layout"):
+        datasets.source_pairs(cfg, "train")
 
 
 def _coded_pair(folder: pathlib.Path, h: int, w: int) -> None:
@@ -197,7 +197,7 @@ def test_eval_pairs_are_whole_images_in_order(tmp_path):
     e = items[0]
     assert e["vis"].shape == (13, 17, 3) and e["ir"].shape == (13, 17, 1)
     np.testing.assert_array_equal(
-        e["vis"], data.read_image(tmp_path / "vi/a.png", "RGB") / np.float32(255)
+        e["vis"], images.read_image(tmp_path / "vi/a.png", "RGB") / np.float32(255)
     )
     assert e["text_emb"].shape == (512,) and e["weights"].shape == (5,)
 
@@ -230,9 +230,9 @@ def test_check_on_shared_data(shared_data, capsys):
 
 
 def test_train_iter_on_shared_msrs(shared_data):
-    cfg = data.default_config("ivf")
+    cfg = datasets.default_config("ivf")
     cfg.root, cfg.train = str(shared_data), ("msrs/train", "msrs_128/train")
-    assert len(data.source_pairs(cfg, "train")) == 32 + 475
+    assert len(datasets.source_pairs(cfg, "train")) == 32 + 475
     b = next(data.make_train_iter(cfg, global_batch=8, seed=0, mesh=parallel.make_mesh()))
     assert b["vis"].shape == (8, 128, 128, 3) and b["ir"].shape == (8, 128, 128, 1)
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dtpf_jax import evaluate, metrics
-from dtpf_jax.data import read_image
+from dtpf_jax.images import read_image
 
 COLUMNS = ["name", *metrics.METRICS]
 

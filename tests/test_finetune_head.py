@@ -8,8 +8,8 @@ import sys
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from dtpf_jax import checkpoint, data, infer, networks
-from dtpf_jax.data import write_png_atomic
+from dtpf_jax import checkpoint, datasets, infer, networks
+from dtpf_jax.images import write_png_atomic
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "finetune_head.py"
 _spec = importlib.util.spec_from_file_location("finetune_head", SCRIPT)
@@ -32,7 +32,7 @@ def test_head_is_the_networks_tail(tmp_path, tiny_student):
     model = infer.Model(params=params, config=cfg, source="tiny")
     root = tmp_path / "data"
     _write_split(root / "toy", [(64, 96), (70, 90)])
-    pairs = data.split_pairs(data.find_splits(root / "toy")[0], root)
+    pairs = datasets.split_pairs(datasets.find_splits(root / "toy")[0], root)
     frames = fh.cache_features(model, pairs)
     # a frame the network takes as it is: the head on its cached features gives the output
     f, vis, ir = frames[0]
@@ -99,7 +99,7 @@ def test_level1_is_the_networks_full_resolution_level(tmp_path, tiny_student):
     model = infer.Model(params=params, config=cfg, source="tiny")
     root = tmp_path / "data"
     _write_split(root / "toy", [(64, 96)], seed=1)
-    pairs = data.split_pairs(data.find_splits(root / "toy")[0], root)
+    pairs = datasets.split_pairs(datasets.find_splits(root / "toy")[0], root)
     ((f, vis, ir),) = fh.cache_features(model, pairs, "level1")
     assert f.dtype == np.float16 and f.shape == (64, 96, 3 * cfg.dim)
     want = networks.build_model(cfg).apply({"params": params}, vis[None], ir[None])

@@ -238,7 +238,7 @@ def test_colors_files_and_html(tmp_path, weights, capsys):
 
 
 def test_teacher_text_and_captions_change_the_output(tmp_path, weights, capsys):
-    from dtpf_jax import text
+    from dtpf_jax import captions, text
 
     clip = text.make_random_clip(tmp_path / "clip", seed=0)
     _good(tmp_path, ("a", "b"))
@@ -248,7 +248,7 @@ def test_teacher_text_and_captions_change_the_output(tmp_path, weights, capsys):
     caps.mkdir()
     (caps / "a.txt").write_text("Event Type: Low Light\nDescription: dark.\n")
     (caps / "b.txt").write_text("Event Type: Overexposure\nDescription: bright.\n")
-    low = text.clip_string(text.parse_caption((caps / "a.txt").read_text()))[0]
+    low = captions.clip_string(captions.parse_caption((caps / "a.txt").read_text()))[0]
     runs = {
         "low": ["--text", low],
         "noise": ["--text", "Event Type: IR Noise"],

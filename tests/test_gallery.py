@@ -8,7 +8,7 @@ from PIL import Image
 from test_evaluate import make_folders, run
 
 from dtpf_jax import demo, evaluate
-from dtpf_jax.data import read_image
+from dtpf_jax.images import read_image
 
 SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 PAD, LINE = evaluate.GALLERY_PAD, evaluate.GALLERY_LINE

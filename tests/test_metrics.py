@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dtpf_jax import metrics
-from dtpf_jax.data import read_image
+from dtpf_jax.images import read_image
 
 # ---------------------------------------------------------------------------------------------
 # Plain reference: straightforward loops, float64, gray images as nested indexing of 2-D arrays.

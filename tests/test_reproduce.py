@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 
 from dtpf_jax import evaluate
-from dtpf_jax.data import read_image, write_png_atomic
+from dtpf_jax.images import read_image, write_png_atomic
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "reproduce_results.py"
 _spec = importlib.util.spec_from_file_location("reproduce_results", SCRIPT)

@@ -23,7 +23,7 @@ import optax
 import pytest
 from PIL import Image
 
-from dtpf_jax import checkpoint, data, export, losses, parallel, train
+from dtpf_jax import checkpoint, datasets, export, losses, parallel, train
 from dtpf_jax.report import NonFiniteLossError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -229,9 +229,9 @@ def _write_pairs(root: pathlib.Path, names, size=64, seed=0) -> None:
 def test_validation_names_are_left_out_of_training(tmp_path):
     _write_pairs(tmp_path / "a", [f"n{i:02d}" for i in range(20)], size=4)
     _write_pairs(tmp_path / "b", [f"n{i:02d}" for i in range(10, 30)], size=4)
-    cfg = data.default_config("ivf")
+    cfg = datasets.default_config("ivf")
     cfg.root, cfg.train, cfg.val, cfg.val_split = str(tmp_path), ("a", "b"), ("a", "b"), (0.9, 1)
-    val = {p.name for p in data.source_pairs(cfg, "val")}
+    val = {p.name for p in datasets.source_pairs(cfg, "val")}
     assert val == {"n18", "n19", "n28", "n29"}
     kept = train.train_pairs(cfg)
     assert not val & {p.name for p in kept}
@@ -242,7 +242,7 @@ def test_shared_msrs_validation_scene_is_not_trained_on(shared_data):
     cfg = load_config("teacher").data
     cfg.root = str(shared_data)
     kept = {(p.split, p.name) for p in train.train_pairs(cfg)}
-    val = {p.name for p in data.source_pairs(cfg, "val")}
+    val = {p.name for p in datasets.source_pairs(cfg, "val")}
     assert len(kept) == 32 + 475 - 1 and not val & {n for _, n in kept}
     assert ("msrs_128/train", "00881N") not in kept  # msrs/train's validation frame
 

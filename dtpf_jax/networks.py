@@ -15,16 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dtpf_jax.blocks import (
-    AttentionFusion,
-    Conv1x1,
-    Conv3x3,
-    CrossAttention,
-    Downsample,
-    FiLM,
-    TransformerBlock,
-    Upsample,
-)
+from dtpf_jax.attention import AttentionFusion, CrossAttention, TransformerBlock
+from dtpf_jax.blocks import Conv1x1, Conv3x3, Downsample, FiLM, Upsample
 
 # H and W must be multiples of this: three 2x downsamplings (the window attention pads a
 # partial last window row/column itself).

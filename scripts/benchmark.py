@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dtpf_jax import blocks, infer, malloc, networks
+from dtpf_jax import attention, infer, malloc, networks
 
 # Official PyTorch nets on the project CPU (DESIGN §11): (model, H, W) -> ms, batch 1, fp32.
 OFFICIAL_MS = {
@@ -97,12 +97,12 @@ def peak_mb() -> float:
 def one_piece_cost(fwd, args) -> dict:
     """XLA's cost analysis of fwd with the window attention in one piece (no band loop,
     whose body XLA would count once); the bands do the same work plus a small overlap."""
-    saved = blocks.WINDOW_CHUNK_LOGITS, blocks.WINDOW_CHUNK_LOGITS_ACCELERATOR
-    blocks.WINDOW_CHUNK_LOGITS = blocks.WINDOW_CHUNK_LOGITS_ACCELERATOR = sys.maxsize
+    saved = attention.WINDOW_CHUNK_LOGITS, attention.WINDOW_CHUNK_LOGITS_ACCELERATOR
+    attention.WINDOW_CHUNK_LOGITS = attention.WINDOW_CHUNK_LOGITS_ACCELERATOR = sys.maxsize
     try:  # a new function object: jit's trace cache would hand back the banded trace
         cost = jax.jit(lambda *a: fwd(*a)).lower(*args).compile().cost_analysis()
     finally:
-        blocks.WINDOW_CHUNK_LOGITS, blocks.WINDOW_CHUNK_LOGITS_ACCELERATOR = saved
+        attention.WINDOW_CHUNK_LOGITS, attention.WINDOW_CHUNK_LOGITS_ACCELERATOR = saved
     return cost[0] if isinstance(cost, list | tuple) else cost
 
 

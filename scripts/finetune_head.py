@@ -40,7 +40,8 @@ import numpy as np
 import optax
 
 from dtpf_jax import checkpoint, datasets, images, infer, losses, networks
-from dtpf_jax.blocks import AttentionFusion, Conv3x3, TransformerBlock
+from dtpf_jax.attention import AttentionFusion, TransformerBlock
+from dtpf_jax.blocks import Conv3x3
 
 log = logging.getLogger("finetune_head")
 

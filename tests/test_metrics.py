@@ -233,10 +233,19 @@ def plain_nabf(a, b, f):
     return num / den
 
 
+# The float32 Gaussian (11 taps, sigma 1.5) that DTPF's Metric_Python/ssim.py builds, as printed
+# by torch 2.13 on a CPU (float.hex of `g / g.sum()`, g = exp(-(arange(11.) - 5)**2 / 4.5)).
+DTPF_SSIM_HALF_WINDOW = ("0x1.0d957p-10", "0x1.f1fe02p-8", "0x1.26eb18p-5", "0x1.bff0fep-4",
+                         "0x1.b43c3ep-3", "0x1.10656p-2")  # fmt: skip
+
+
+def dtpf_ssim_window():
+    half = [float.fromhex(h) for h in DTPF_SSIM_HALF_WINDOW]
+    return np.array(half + half[-2::-1])
+
+
 def _ssim_window_2d():
-    c = np.arange(11, dtype=np.float32) - 5
-    g = np.exp(-(c**2) / np.float32(4.5))
-    g = (g / g.sum()).astype(np.float64)
+    g = dtpf_ssim_window()
     return np.outer(g, g)
 
 
@@ -440,6 +449,43 @@ def test_other_cases_plausible(shared_dir, case):
         if "mean" in fused_file:
             # an average creates no artefacts and loses edges: MI well below the max fusion's
             assert s["Nabf"] < 1e-5 and s["MI"] < 4
+
+
+# SSIM(A,F) + SSIM(B,F) as DTPF's own code (Metric_Python/ssim.py: torch, float32) gives it,
+# printed by `python scripts/ssim_reference.py` (torch 2.13.0 CPU, 1 thread), column DTPF.
+DTPF_TORCH_SSIM = {
+    ("FLIR_00006", "max", "clean"): 0.922171, ("FLIR_00006", "mean", "clean"): 0.812877,
+    ("FLIR_05767", "max", "clean"): 1.011632, ("FLIR_05767", "mean", "clean"): 1.072708,
+    ("FLIR_06832", "max", "clean"): 0.899866, ("FLIR_06832", "mean", "clean"): 0.796080,
+    ("FLIR_00006", "mean", "dtpf_table"): 0.809512,
+    ("FLIR_05767", "max", "dtpf_table"): 0.984732, ("FLIR_05767", "mean", "dtpf_table"): 1.063488,
+    ("FLIR_06832", "max", "dtpf_table"): 0.887335, ("FLIR_06832", "mean", "dtpf_table"): 0.792992,
+}  # fmt: skip
+# Not ("FLIR_00006", "max", "dtpf_table"): there A and F are flat, one level apart, near 252 in
+# the sky, and DTPF's float32 variances on its 0..65025 scale are multiples of 256 against
+# C2 = 58.5, so its value is rounding noise: 0.752161 through oneDNN, 0.937458 with
+# torch.backends.mkldnn.enabled = False; the same code in float64 gives 0.895383, as we do.
+
+
+@pytest.mark.parametrize("case", ["FLIR_00006", "FLIR_05767", "FLIR_06832"])
+def test_ssim_matches_dtpf_torch_code(shared_dir, case):
+    bad = {}
+    for (name, fusion, convention), expected in DTPF_TORCH_SSIM.items():
+        if name != case:
+            continue
+        fused, vis, ir, vis_gray = load_case(shared_dir, case, f"fused_{fusion}_gray.png")
+        if convention == "clean":
+            vis = vis_gray  # the 2-D gray arrays DTPF's SSIM_function then takes as they are
+        got = metrics.evaluate_pair(fused, vis, ir, convention, names=["SSIM"])["SSIM"]
+        if not abs(got - expected) < 5e-4:
+            bad[fusion, convention] = (got, expected, got - expected)
+    assert not bad, f"SSIM (ours, DTPF's torch code, diff): {bad}"
+
+
+def test_ssim_window_is_dtpfs():
+    # numpy's float32 exp and sum round differently from torch's: the window then sums to
+    # 1 + 1.2e-7 in 2-D instead of 1 - 6.1e-8, enough to move SSIM by 1e-3 (METRICS 3.11).
+    np.testing.assert_array_equal(metrics._ssim_window(), dtpf_ssim_window())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,34 +1,50 @@
 #!/usr/bin/env bash
-# The GPU run of RESULTS.md in one device command: train the IVF teacher on MSRS, distil the
-# student from it, and bring the student back. Two steps:
+# The GPU training run in one device command (issue 25). Two steps, and a rehearsal:
 #
 #   bash scripts/device_train.sh stage [DATA]   # here, on the CPU, once: writes .carry/ (the
 #       MSRS train split, its captions and their embedding cache, the wheels the device lacks)
-#   device tool: run(command="bash scripts/device_train.sh run", carry=[".carry"], timeout_s=600)
+#   device tool, from the session's checkout, with .carry staged there:
+#       run(command="bash scripts/device_train.sh run", carry=[".carry"], timeout_s=560)
+#   SMOKE=1 OUT=/tmp/device_out bash scripts/device_train.sh run   # the same command, tiny
+#       (tests/test_device_train.py runs it on every CI run)
 #
-# Rehearsals on the CPU: the tiny configs end to end (4 minutes here), and the real configs
-# cut after one step each (about 10 minutes, at a CPU-sized batch):
-#   SMOKE=1 OUT=/tmp/device_out bash scripts/device_train.sh run
-#   TEACHER_S=1 BUDGET_S=1 TRAIN_ARGS=--config.batch_size=4 OUT=/tmp/device_out \
-#     bash scripts/device_train.sh run
+# MODE=student (default): scripts/device_train.py trains the student from scratch on the
+# official fusion loss (configs/distill.py:nodistill,gpu: the paper's no-distillation form;
+# msrs/train's full-size frames, batch 16 of 128² crops), within BUDGET_S seconds (default 480)
+# of the command's start, the wheels' install included. Its docstring gives the phases; in short:
+# timing.json at once (device, then compile s, step s, steps/s, images/s of the train step at
+# float32 and at bfloat16, the input pipeline's batches/s), the dtype picked from those (DTYPE=
+# float32|bfloat16 forces one), training until BUDGET_S - 180 s, four candidate students, then
+# the GPU speed grid (student and teacher, 128² and 480×640, batch 1 and 16, fp32 and bf16).
+# What comes back in $OUT (8 files at most, 35 MB): run.log, timing.json, candidates.json,
+# speed.json and student_sNNNNN.msgpack x 4 (float16 params, ~8.8 MB each, loadable by
+# `fuse --weights`). Leave the timeout at 560: a cut run still returns what it wrote.
 #
-# What comes back in $OUT: student_ivf.msgpack (float16 params of the distilled student's best
-# validation checkpoint, loadable by `fuse --weights`), student_ivf.json (its record: sha256,
-# config, step, quality), teacher.log, distill.log and timing.txt.
+# MODE=distill (later runs): the teacher on MSRS, then the student distilled from it, starting
+# from the shipped student (dtpf_jax/weights/student_ivf.msgpack); the teacher (80 MB in fp16)
+# cannot come back, the student does (student_ivf.msgpack, .json, teacher.log, distill.log).
 #
-# Time: the whole run ends about BUDGET_S (default 480 s) after it starts: the teacher trains for
-# TEACHER_S seconds (default 40 % of the budget; `config.max_train_s`, compile included), the
-# distillation gets what is left minus RESERVE_S (export and exit). Both use the 'time_cosine'
-# schedule: the learning rate's decay is fitted, step by step, to the measured step rate and the
-# time left, so that it ends with the time limit on whatever device; TEACHER_STEPS /
-# DISTILL_STEPS only cap it (a device fast enough to reach a cap ends early, fully decayed).
+# What to do with what comes back (here, on the CPU), by the ship rule fixed before any run
+# (scripts/select_student.py's docstring: the mean official fusion loss on the held-back
+# msrs/train frames and on RoadScene's pairs after the first 40, which no table uses):
+#   python scripts/select_student.py --candidates /work/.device/.../student_s*.msgpack \
+#       --data ../shared/data --out selection      # about 40 min on 2 cores; prints the verdict
+#   if it ships: cp the winner to dtpf_jax/weights/student_ivf.msgpack and its record (from
+#   selection/decision.json) to dtpf_jax/weights/student_ivf.json, update the sha256 in
+#   dtpf_jax/weights/README.md, then remake the tables and the figure:
+#   python scripts/reproduce_results.py --data ../shared/data --out results \
+#       --student dtpf_jax/weights/student_ivf.msgpack --student-med 'student_{task}'
+#   python scripts/make_gallery.py --out docs/gallery.png
+#   and README's GPU speed rows from speed.json (records with "kind": "train_step" are the
+#   student's training steps at batch 16; the others ms per call and images/s).
 #
-# Text: no real CLIP is reachable from the development machine, so `stage` embeds the captions
-# with a random CLIP text tower (as the CPU runs did, RESULTS.md); with real CLIP weights at
-# hand, pass CLIP=PATH to `stage`.
+# Rehearsals on the CPU (RESULTS/README give their times): the smoke form above, and the real
+# configuration cut short (real model sizes, a CPU-sized batch, one dtype):
+#   DTYPE=float32 BUDGET_S=1500 GRID_S=420 TRAIN_ARGS="--config.batch_size=2" \
+#     PROBE_STEPS=3 OUT=/tmp/device_out bash scripts/device_train.sh run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CARRY=.carry
+CARRY=${CARRY:-.carry}
 WHEELS="grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml_collections==1.1.0 tensorboardX==2.6.5"
 
 stage() {
@@ -51,25 +67,44 @@ stage() {
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$CARRY/whl" $WHEELS
   du -sh "$CARRY"
+  # What travels: tracked and untracked-not-ignored files, plus the carried folder (64 MiB).
+  local tree carry
+  tree=$({ git ls-files -z; git ls-files -z --others --exclude-standard; } | du -cb --files0-from=- | tail -1 | cut -f1)
+  carry=$(du -sb "$CARRY" | cut -f1)
+  echo "travels: working tree $((tree / 1048576)) MiB + $CARRY $((carry / 1048576)) MiB of 64 MiB"
+  [ $((tree + carry)) -lt $((64 * 1048576)) ] || { echo "error: over 64 MiB" >&2; exit 2; }
 }
 
-run() {
-  local out=${OUT:?OUT must name the output folder}
-  local t0 budget common remaining
-  t0=$(date +%s)
-  budget=${BUDGET_S:-480}
-  mkdir -p "$out"
-  export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+install_wheels() {
   if ! python3 -c "import grain, ml_collections, tensorboardX" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site "$CARRY"/whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  # Step caps, far above what an H200 should reach in the time (fp32, batch 16, 128²; guessed:
-  # teacher ~0.3-0.4 s/step from its 120 GFLOPs forward, distillation ~0.15-0.2 s/step).
-  local variant="" teacher_steps=4000 distill_steps=8000
+}
+
+run_student() {
+  local out=$1 t0=$2 install_s=$3 variant="nodistill,gpu" probe=${PROBE_STEPS:-30}
+  local grid_s=${GRID_S:-150} grid=()
+  if [ -n "${SMOKE:-}" ]; then
+    variant+=",smoke" probe=${PROBE_STEPS:-3} grid_s=${GRID_S:-60}
+    grid=("--grid=--tiny --models student --sizes 64x64 --batches 1 --runs 2 --warmup 1")
+  fi
+  # shellcheck disable=SC2206
+  local extra=(${TRAIN_ARGS:-})  # more --config.x=y overrides
+  python3 scripts/device_train.py --config "configs/distill.py:$variant" --out "$out" \
+    --t0 "$t0" --install_s "$install_s" --budget_s "${BUDGET_S:-480}" --grid_s "$grid_s" \
+    --dtype "${DTYPE:-auto}" --probe_steps "$probe" --scratch "${SCRATCH:-/tmp/dtpf_device}" \
+    "--config.data.root=$CARRY/data" "--config.data.captions=$CARRY/captions" \
+    '--config.data.train=("msrs/train",)' '--config.data.val=("msrs/train",)' \
+    "--config.data.val_split=(0.95, 1.0)" "${grid[@]}" "${extra[@]}"
+}
+
+run_distill() {
+  local out=$1 t0=$2 budget=${BUDGET_S:-480} remaining variant=""
+  local teacher_steps=4000 distill_steps=8000
   if [ -n "${SMOKE:-}" ]; then variant=":smoke" teacher_steps=6 distill_steps=6; fi
-  common=(
+  local common=(
     "--config.data.root=$CARRY/data"
     "--config.data.captions=$CARRY/captions"
     '--config.data.train=("msrs/train",)'
@@ -79,21 +114,38 @@ run() {
     "--config.schedule=time_cosine"
   )
   # shellcheck disable=SC2206
-  common+=(${TRAIN_ARGS:-})  # more --config.x=y overrides for both stages
+  common+=(${TRAIN_ARGS:-})
+  local init=()
+  [ -n "$variant" ] || init=("--config.init_weights=dtpf_jax/weights/student_ivf.msgpack")
   rm -rf runs/device_teacher runs/device_distill
   python3 -m dtpf_jax.train --config "configs/teacher.py$variant" --workdir runs/device_teacher \
     "${common[@]}" --config.steps="${TEACHER_STEPS:-$teacher_steps}" --config.eval_every=500 \
     --config.max_train_s="${TEACHER_S:-$((budget * 2 / 5))}" 2>&1 | tee "$out/teacher.log"
   remaining=$((t0 + budget - $(date +%s) - ${RESERVE_S:-60}))
-  echo "teacher done after $(($(date +%s) - t0)) s; distillation gets $remaining s" \
-    | tee "$out/timing.txt"
+  echo "teacher done; distillation gets $remaining s" | tee "$out/timing.txt"
   python3 -m dtpf_jax.train --config "configs/distill.py$variant" --workdir runs/device_distill \
-    "${common[@]}" --config.teacher_workdir=runs/device_teacher \
+    "${common[@]}" "${init[@]}" --config.teacher_workdir=runs/device_teacher \
     --config.steps="${DISTILL_STEPS:-$distill_steps}" --config.eval_every=500 \
     --config.max_train_s="$((remaining > 30 ? remaining : 30))" 2>&1 | tee "$out/distill.log"
   python3 -m dtpf_jax.export runs/device_distill "$out/student_ivf.msgpack" --dtype float16 \
     --record "$out/student_ivf.json"
-  echo "all done after $(($(date +%s) - t0)) s" | tee -a "$out/timing.txt"
+}
+
+run() {
+  local out=${OUT:?OUT must name the output folder} t0 t1
+  t0=$(date +%s)
+  mkdir -p "$out"
+  export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  # This process trains in 40 % of the GPU's memory; the speed grid after it gets 50 %.
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.4}
+  install_wheels
+  t1=$(date +%s)
+  case "${MODE:-student}" in
+    student) run_student "$out" "$t0" "$((t1 - t0))" 2>&1 | tee "$out/run.log" ;;
+    distill) run_distill "$out" "$t0" ;;
+    *) echo "error: MODE=${MODE} is not student or distill" >&2; exit 2 ;;
+  esac
+  echo "all done after $(($(date +%s) - t0)) s"
 }
 
 case "${1:-}" in

@@ -113,13 +113,15 @@ def probe(config, mesh, batches: list, dtypes: tuple[str, ...], timing: Timing) 
 
     def compile_one(dt):
         exe = lowered[dt].compile()
-        return exe, round(time.perf_counter() - t_compile, 2)
+        return exe, round(time.perf_counter() - t_compile, 2), _planned_mb(exe)
 
     with concurrent.futures.ThreadPoolExecutor(len(dtypes)) as pool:  # XLA compiles outside the GIL
         compiled = dict(zip(dtypes, pool.map(compile_one, dtypes), strict=True))
     for dt in dtypes:
-        results[dt]["compile_s"] = compiled[dt][1]
-        logging.info("probe %s: lowered in %.1f s, compiled in %.1f s", dt, *results[dt].values())
+        results[dt].update(compile_s=compiled[dt][1], xla_mb=compiled[dt][2])
+        r = results[dt]
+        logging.info("probe %s: lowered in %.1f s, compiled in %.1f s, XLA plans %s MB",
+                     dt, r["lower_s"], r["compile_s"], r["xla_mb"])  # fmt: skip
     timing(probe=results, probe_note="compile_s: wall time of the dtypes compiled side by side")
     warm = max(1, min(2, len(batches) - 2))
     for dt in dtypes:
@@ -147,6 +149,15 @@ def probe(config, mesh, batches: list, dtypes: tuple[str, ...], timing: Timing) 
             dt, r["step_s"], r["steps_per_s"], r["images_per_s"], r["losses"][-3:],
         )  # fmt: skip
     return results
+
+
+def _planned_mb(compiled) -> float | None:
+    """XLA's planned memory of a compiled program: arguments + temporaries + outputs, MB."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+    return round(total / 2**20, 1)
 
 
 def pick_dtype(results: dict) -> tuple[str, str]:
@@ -300,10 +311,10 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) ->
     logging.info("candidates: %s", ", ".join(r["file"] for r in records))
 
     left = deadline - time.time() - 5
-    if left > 20:
+    if f.grid_s > 0 and left > 20:
         speed_grid(out, f.grid, left, results, config)
     else:
-        logging.warning("no time left for the speed grid (%.0f s)", left)
+        logging.warning("speed grid skipped (--grid_s %g, %.0f s left)", f.grid_s, left)
     timing(done=True)
 
 
@@ -343,7 +354,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("dtype", "auto", ["auto", *DTYPES], "compute dtype; auto = probe both")
     flags.DEFINE_integer("probe_steps", 30, "steps of the probe per dtype (2 of them warm-up)")
     flags.DEFINE_integer("candidates", 4, "student files to bring back (at most 4)")
-    flags.DEFINE_float("grid_s", 150, "seconds kept for the speed grid")
+    flags.DEFINE_float("grid_s", 150, "seconds kept for the speed grid (0: no grid)")
     flags.DEFINE_float("export_s", 30, "seconds kept for exporting the candidates")
     flags.DEFINE_string("grid", GRID, "scripts/benchmark.py arguments of the speed grid")
     flags.DEFINE_string("scratch", "/tmp/dtpf_device", "decoded data and the run's workdir")

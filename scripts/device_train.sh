@@ -90,6 +90,7 @@ run_student() {
     variant+=",smoke" probe=${PROBE_STEPS:-3} grid_s=${GRID_S:-60}
     grid=("--grid=--tiny --models student --sizes 64x64 --batches 1 --runs 2 --warmup 1")
   fi
+  [ -z "${GRID:-}" ] || grid=("--grid=$GRID")  # scripts/benchmark.py arguments
   # shellcheck disable=SC2206
   local extra=(${TRAIN_ARGS:-})  # more --config.x=y overrides
   python3 scripts/device_train.py --config "configs/distill.py:$variant" --out "$out" \
@@ -131,6 +132,12 @@ run_distill() {
     --record "$out/student_ivf.json"
 }
 
+run_grid() {  # the speed grid alone (a second command, if the first one's ran out of time)
+  # shellcheck disable=SC2086
+  python3 scripts/benchmark.py --json "$1/speed.json" --no-flops --cli-images 0 \
+    ${GRID:---models student,teacher --sizes 128x128,480x640 --batches 1,16 --runs 10 --budget 3}
+}
+
 run() {
   local out=${OUT:?OUT must name the output folder} t0 t1
   t0=$(date +%s)
@@ -143,7 +150,8 @@ run() {
   case "${MODE:-student}" in
     student) run_student "$out" "$t0" "$((t1 - t0))" 2>&1 | tee "$out/run.log" ;;
     distill) run_distill "$out" "$t0" ;;
-    *) echo "error: MODE=${MODE} is not student or distill" >&2; exit 2 ;;
+    grid) run_grid "$out" 2>&1 | tee "$out/run.log" ;;
+    *) echo "error: MODE=${MODE} is not student, distill or grid" >&2; exit 2 ;;
   esac
   echo "all done after $(($(date +%s) - t0)) s"
 }

@@ -17,7 +17,8 @@ command's start, so that installing the carried wheels counts):
    side, each run for --probe_steps on the same real batches from the same initial state:
    compile s, step s, steps/s, images/s and each step's loss.
 4. The pick: bfloat16 if its step is at least 10 % faster and its mean loss over the second
-   half of the probe within 2 % of float32's (it trains as well), else float32.
+   half of the probe within 2 % of float32's (it trains as well), else float32. If the input
+   pipeline's threads gave fewer than 1.5 batches per step, grain worker processes read too.
 5. Training (train.train_and_evaluate, in this process: the persistent compilation cache hands
    it the probe's step) with max_train_s = what is left minus --grid_s and --export_s, and a
    validation + checkpoint every 1/--candidates of the steps the probe's rate predicts.
@@ -63,6 +64,7 @@ GRID = (
 )
 BF16_SPEEDUP = 0.9  # bfloat16 is picked if its step takes at most this fraction of float32's
 BF16_LOSS_TOLERANCE = 1.02  # ... and its probe loss is at most this multiple of float32's
+INPUT_MARGIN = 1.5  # reading threads must give this many batches per step, else add workers
 
 
 class Timing:
@@ -270,12 +272,15 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) ->
     dtype, why = pick_dtype(results)
     config.model.dtype = dtype
     steps_per_s = results[dtype]["steps_per_s"]
-    timing(
-        dtype=dtype,
-        dtype_why=why,
-        input_bound=rate < steps_per_s,  # the pipeline alone is slower than the step
-    )
-    logging.info("compute dtype %s: %s", dtype, why)
+    # Reading threads alone too slow for the step: worker processes too (each reads with
+    # read_threads; a pool costs seconds to start).
+    if rate < INPUT_MARGIN * steps_per_s and not config.data.num_workers:
+        config.data.num_workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    timing(dtype=dtype, dtype_why=why, input_workers=config.data.num_workers)
+    logging.info(
+        "compute dtype %s: %s; input %.1f batches/s for %.1f steps/s: %d worker processes",
+        dtype, why, rate, steps_per_s, config.data.num_workers,
+    )  # fmt: skip
     del batches
 
     train_s = max(deadline - time.time() - f.grid_s - f.export_s, 10.0)

@@ -33,6 +33,8 @@ def _script(name: str):
 
 def _write_msrs_like(root: pathlib.Path, n: int = 8) -> None:
     """n synthetic pairs (demo scenes, 64x80) as a msrs/train split; its last one held back."""
+    for sub in ("vi", "ir"):
+        (root / "msrs" / "train" / sub).mkdir(parents=True)
     for k in range(n):
         people = ((0.2 + 0.08 * k, 0.7, 1.0), (0.8 - 0.05 * k, 0.75, 1.2))
         vis, ir = demo.make_pair(64, 80, people=people, mirror=bool(k % 2))
@@ -80,6 +82,7 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path):
         assert r["compile_s"] > 0 and r["step_s"] > 0 and r["images_per_s"] > 0, r
         assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
     assert timing["dtype"] in ("float32", "bfloat16") and timing["pipeline"]["batches_per_s"] > 0
+    assert timing["input_workers"] == 0  # threads outpace a CPU step: no worker processes
     assert timing["train"]["step"] == 4 and timing["train"]["every"] == 1  # smoke: 4 steps
     assert timing["elapsed_s"] <= 900
 
@@ -144,3 +147,16 @@ def test_ship_rule_selection_sets(shared_data):
     msrs, road = sets.values()
     assert [p.name for p in msrs] == ["00881N", "01023N"]  # msrs/train's held-back frames
     assert len(road) == 181 and (road[0].name, road[-1].name) == ("FLIR_04354", "FLIR_video_04215")
+
+
+def test_init_is_one_program_at_any_compute_dtype():
+    # The probe compiles init once for both dtypes and the run gets it from the cache.
+    from dtpf_jax import config_lib, train
+
+    cfg = config_lib.load_config_file(REPO / "configs" / "distill.py", "nodistill,gpu,smoke")
+    programs = []
+    for dtype in ("float32", "bfloat16"):
+        cfg.model.dtype = dtype
+        programs.append(str(jax.make_jaxpr(train.make_init(cfg))(jax.random.key(0))))
+    assert programs[0] == programs[1]
+    assert cfg.model.remat is False and cfg.batch_size == 4  # gpu's settings, smoke's sizes

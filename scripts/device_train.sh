@@ -1,47 +1,57 @@
 #!/usr/bin/env bash
-# The GPU training run in one device command (issue 25). Two steps, and a rehearsal:
+# The GPU training run in one device command (issue 25).
 #
-#   bash scripts/device_train.sh stage [DATA]   # here, on the CPU, once: writes .carry/ (the
-#       MSRS train split, its captions and their embedding cache, the wheels the device lacks)
-#   device tool, from the session's checkout, with .carry staged there:
-#       run(command="bash scripts/device_train.sh run", carry=[".carry"], timeout_s=560)
-#   SMOKE=1 OUT=/tmp/device_out bash scripts/device_train.sh run   # the same command, tiny
-#       (tests/test_device_train.py runs it on every CI run)
+# On a lent GPU (one H200; 15 min of device time in all, start included; 10 min a command):
+#   1. here, in the session's checkout (/work/main), once: bash scripts/device_train.sh stage
+#      -> .carry/ (git-ignored, 19 MiB: msrs/train, its captions and embedding cache, the 5
+#      wheels the device lacks); it prints what travels: working tree + .carry, 55 MiB of 64.
+#   2. device tool: run(command="bash scripts/device_train.sh run", carry=[".carry"],
+#      timeout_s=560), then give_back() unless a second command follows at once.
+#   If it failed early, timing.json and run.log say why; a second try fits in what is left,
+#   e.g. BUDGET_S=240 (and DTYPE=float32 if bf16 was the trouble), or only the speed grid:
+#   run(command="MODE=grid bash scripts/device_train.sh run", timeout_s=300).
 #
 # MODE=student (default): scripts/device_train.py trains the student from scratch on the
 # official fusion loss (configs/distill.py:nodistill,gpu: the paper's no-distillation form;
-# msrs/train's full-size frames, batch 16 of 128² crops), within BUDGET_S seconds (default 480)
-# of the command's start, the wheels' install included. Its docstring gives the phases; in short:
-# timing.json at once (device, then compile s, step s, steps/s, images/s of the train step at
-# float32 and at bfloat16, the input pipeline's batches/s), the dtype picked from those (DTYPE=
-# float32|bfloat16 forces one), training until BUDGET_S - 180 s, four candidate students, then
-# the GPU speed grid (student and teacher, 128² and 480×640, batch 1 and 16, fp32 and bf16).
-# What comes back in $OUT (8 files at most, 35 MB): run.log, timing.json, candidates.json,
-# speed.json and student_sNNNNN.msgpack x 4 (float16 params, ~8.8 MB each, loadable by
-# `fuse --weights`). Leave the timeout at 560: a cut run still returns what it wrote.
+# msrs/train's 32 full-size training frames, batch 16 of 128² crops, AdamW 5e-4, the cosine
+# fitted to the time) within BUDGET_S seconds (default 480) of the command's start, the wheels'
+# install included. In order (its docstring has the details): timing.json at once, the probe
+# (compile s, XLA's planned MB, step s, steps/s, images/s of the train step at float32 and at
+# bfloat16, and the input pipeline's batches/s) written as measured, the dtype picked (bf16 if
+# >= 10 % faster and its probe loss within 2 %; DTYPE=float32|bfloat16 forces one), training
+# until BUDGET_S - 180 s, four candidates exported, then the GPU speed grid (student and
+# teacher, 128² and 480x640, batch 1 and 16, fp32 and bf16; GRID_S=150 s, GRID_S=0 skips it).
+# Back in $OUT (8 files, ~36 MB): run.log, timing.json, candidates.json, speed.json and
+# student_sNNNNN.msgpack x 4 (float16 params, 8.8 MB each, `fuse --weights FILE` loads them).
 #
 # MODE=distill (later runs): the teacher on MSRS, then the student distilled from it, starting
 # from the shipped student (dtpf_jax/weights/student_ivf.msgpack); the teacher (80 MB in fp16)
 # cannot come back, the student does (student_ivf.msgpack, .json, teacher.log, distill.log).
+# MODE=grid: the speed grid alone (GRID= other scripts/benchmark.py arguments).
 #
 # What to do with what comes back (here, on the CPU), by the ship rule fixed before any run
 # (scripts/select_student.py's docstring: the mean official fusion loss on the held-back
-# msrs/train frames and on RoadScene's pairs after the first 40, which no table uses):
-#   python scripts/select_student.py --candidates /work/.device/.../student_s*.msgpack \
-#       --data ../shared/data --out selection      # about 40 min on 2 cores; prints the verdict
-#   if it ships: cp the winner to dtpf_jax/weights/student_ivf.msgpack and its record (from
-#   selection/decision.json) to dtpf_jax/weights/student_ivf.json, update the sha256 in
-#   dtpf_jax/weights/README.md, then remake the tables and the figure:
+# msrs/train frames and on RoadScene's pairs after the first 40, which no table uses; the
+# winner ships only if below both the shipped student and the visible image):
+#   python scripts/select_student.py --candidates FILES_AT/student_s*.msgpack \
+#       --data ../shared/data --out selection --ship    # about an hour on 2 cores
+#   (--ship copies a winner to dtpf_jax/weights/student_ivf.msgpack with its record .json;
+#   python -m pytest tests/test_weights.py checks them.) If it shipped, remake the tables,
+#   the figure and README's GPU speed rows (speed.json; "kind": "train_step" records are the
+#   student's training steps at batch 16, the others ms per call and images/s):
 #   python scripts/reproduce_results.py --data ../shared/data --out results \
 #       --student dtpf_jax/weights/student_ivf.msgpack --student-med 'student_{task}'
 #   python scripts/make_gallery.py --out docs/gallery.png
-#   and README's GPU speed rows from speed.json (records with "kind": "train_step" are the
-#   student's training steps at batch 16; the others ms per call and images/s).
 #
-# Rehearsals on the CPU (RESULTS/README give their times): the smoke form above, and the real
-# configuration cut short (real model sizes, a CPU-sized batch, one dtype):
-#   DTYPE=float32 BUDGET_S=1500 GRID_S=420 TRAIN_ARGS="--config.batch_size=2" \
-#     PROBE_STEPS=3 OUT=/tmp/device_out bash scripts/device_train.sh run
+# Rehearsals on the CPU: the smoke form (tests/test_device_train.py runs it: tiny configs,
+# 4 steps, 4 candidates, the grid on tiny models; 50 s warm on this 2-core machine under load,
+# 2 min cold), and the real configuration cut short (the real student, batch 2, 3 steps, one
+# dtype; 385 s here, 74 s of it the step's compile):
+#   SMOKE=1 OUT=/tmp/device_out bash scripts/device_train.sh run   # needs .carry (stage)
+#   DTYPE=float32 BUDGET_S=3600 PROBE_STEPS=3 OUT=/tmp/device_out \
+#     TRAIN_ARGS="--config.batch_size=2 --config.steps=3" GRID="--models student,teacher \
+#     --sizes 128x128 --batches 1 --dtypes float32 --runs 1 --warmup 0" \
+#     bash scripts/device_train.sh run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=${CARRY:-.carry}
@@ -69,7 +79,8 @@ stage() {
   du -sh "$CARRY"
   # What travels: tracked and untracked-not-ignored files, plus the carried folder (64 MiB).
   local tree carry
-  tree=$({ git ls-files -z; git ls-files -z --others --exclude-standard; } | du -cb --files0-from=- | tail -1 | cut -f1)
+  tree=$({ git ls-files -z; git ls-files -z --others --exclude-standard; } \
+    | du -cb --files0-from=- | tail -1 | cut -f1)
   carry=$(du -sb "$CARRY" | cut -f1)
   echo "travels: working tree $((tree / 1048576)) MiB + $CARRY $((carry / 1048576)) MiB of 64 MiB"
   [ $((tree + carry)) -lt $((64 * 1048576)) ] || { echo "error: over 64 MiB" >&2; exit 2; }
@@ -88,15 +99,19 @@ run_student() {
   local grid_s=${GRID_S:-150} grid=()
   if [ -n "${SMOKE:-}" ]; then
     variant+=",smoke" probe=${PROBE_STEPS:-3} grid_s=${GRID_S:-60}
-    grid=("--grid=--tiny --models student --sizes 64x64 --batches 1 --runs 2 --warmup 1")
+    grid=("--grid=--tiny --models student --sizes 64x64 --batches 1 --dtypes float32 --runs 2")
   fi
   [ -z "${GRID:-}" ] || grid=("--grid=$GRID")  # scripts/benchmark.py arguments
   # shellcheck disable=SC2206
   local extra=(${TRAIN_ARGS:-})  # more --config.x=y overrides
-  python3 scripts/device_train.py --config "configs/distill.py:$variant" --out "$out" \
+  local caps=()  # the captions set the per-pair task weights ('default' without them)
+  [ ! -d "$CARRY/captions" ] || caps=("--config.data.captions=$CARRY/captions")
+  # This process trains in 40 % of the GPU's memory; the speed grid after it gets 50 %.
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.4} \
+    python3 scripts/device_train.py --config "configs/distill.py:$variant" --out "$out" \
     --t0 "$t0" --install_s "$install_s" --budget_s "${BUDGET_S:-480}" --grid_s "$grid_s" \
     --dtype "${DTYPE:-auto}" --probe_steps "$probe" --scratch "${SCRATCH:-/tmp/dtpf_device}" \
-    "--config.data.root=$CARRY/data" "--config.data.captions=$CARRY/captions" \
+    "--config.data.root=$CARRY/data" "${caps[@]}" \
     '--config.data.train=("msrs/train",)' '--config.data.val=("msrs/train",)' \
     "--config.data.val_split=(0.95, 1.0)" "${grid[@]}" "${extra[@]}"
 }
@@ -143,8 +158,6 @@ run() {
   t0=$(date +%s)
   mkdir -p "$out"
   export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-  # This process trains in 40 % of the GPU's memory; the speed grid after it gets 50 %.
-  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.4}
   install_wheels
   t1=$(date +%s)
   case "${MODE:-student}" in

@@ -22,8 +22,9 @@ a distilled student replaces the shipped one only by it too):
   Qabf (`dtpf_table`), and the max(vis, ir) baseline's figures.
 
 Writes <out>/selection.md (the table and the verdict), <out>/scores.csv (per image) and
-<out>/decision.json (the verdict; when it ships, the record to save as
-dtpf_jax/weights/student_ivf.json beside the winner copied to student_ivf.msgpack). About an
+<out>/decision.json (the verdict; when it ships, the record for dtpf_jax/weights/
+student_ivf.json); --ship then also copies the winner to dtpf_jax/weights/student_ivf.msgpack
+and writes that record beside it (tests/test_weights.py checks the pair). About an
 hour on an idle 2-core CPU for 4 candidates (183 pairs fused by 5 networks, a loss compile per
 RoadScene size); --roadscene-every 10 scores the 19 pairs at positions 40, 50, ..., 220 (the
 earlier CPU runs' RoadScene validation) in a few minutes: a quick look, not the rule, never
@@ -103,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shipped", default=str(SHIPPED), help="the shipped student to beat")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("selection"))
     p.add_argument("--roadscene-every", type=int, default=1, help="N > 1: not the rule")
+    p.add_argument(
+        "--ship",
+        action="store_true",
+        help="if the rule ships the winner: copy it to dtpf_jax/weights/student_ivf.msgpack and "
+        "write its record student_ivf.json beside it",
+    )
     args = p.parse_args(argv)
     try:
         sets = selection_sets(args.data, args.roadscene_every)
@@ -161,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if verdict["ships"]:
         verdict["record"] = ship_record(names[verdict["winner"]], scores, means, sets)
     data.atomic_write(args.out / "decision.json", json.dumps(verdict, indent=2) + "\n")
+    if args.ship and verdict["ships"]:
+        data.atomic_write(SHIPPED, pathlib.Path(names[verdict["winner"]]).read_bytes())
+        record = json.dumps(verdict["record"], indent=2) + "\n"
+        data.atomic_write(SHIPPED.with_suffix(".json"), record)
+        print(f"shipped {names[verdict['winner']]} as {SHIPPED} (+ .json)")
     return 0
 
 

@@ -97,7 +97,8 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path):
     speed = json.loads((out / "speed.json").read_text())
     steps = [r for r in speed if r.get("kind") == "train_step"]
     forwards = [r for r in speed if r not in steps]
-    assert {r["dtype"] for r in forwards} == {r["dtype"] for r in steps} == {"float32", "bfloat16"}
+    assert {r["dtype"] for r in steps} == {"float32", "bfloat16"}  # the probe's
+    assert [(r["model"], r["dtype"]) for r in forwards] == [("student", "float32")]  # smoke grid
     assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in forwards + steps)
 
     # the last candidate fuses a pair through the CLI, at the pair's size

@@ -13,9 +13,9 @@ command's start, so that installing the carried wheels counts):
    as <name>.txt): a 640x480 PNG pair costs ~5x the host time of a BMP pair, and 16 of them are
    read per step.
 3. The probe: the input pipeline's batches/s, then the train step of --config at float32 and
-   at bfloat16 compute (--dtype forces one), lowered one after the other and compiled side by
-   side, each run for --probe_steps on the same real batches from the same initial state:
-   compile s, step s, steps/s, images/s and each step's loss.
+   at bfloat16 compute (--dtype forces one), each compiled in a thread while the next is traced
+   (the init program too), then run for --probe_steps on the same real batches from the same
+   initial state: compile s, XLA's planned MB, step s, steps/s, images/s, each step's loss.
 4. The pick: bfloat16 if its step is at least 10 % faster and its mean loss over the second
    half of the probe within 2 % of float32's (it trains as well), else float32. If the input
    pipeline's threads gave fewer than 1.5 batches per step, grain worker processes read too.
@@ -100,34 +100,44 @@ def decode_training_data(cfg: ml_collections.ConfigDict, dest: pathlib.Path):
 
 
 def probe(config, mesh, batches: list, dtypes: tuple[str, ...], timing: Timing) -> dict:
-    """Compile time, step time and losses of the train step at each compute dtype."""
-    state0 = train.init_state(config, mesh)  # params are float32 whatever the compute dtype
-    host0 = jax.device_get(state0)  # each dtype starts from a copy (the step donates its state)
+    """Compile time, step time and losses of the train step at each compute dtype.
+
+    XLA compiles outside the GIL: the init program and each dtype's step compile in threads
+    while the next one is traced; each result is written as it comes.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(len(dtypes) + 1)
+    # Params are float32 whatever the compute dtype: one initial state serves both.
+    init = pool.submit(train.init_state, config, mesh)
     lr = np.float32(config.optimizer.lr)
-    lowered, results = {}, {}
+    abstract = train.abstract_state(config, mesh)  # what init_state returns, as shapes
+    results, futures, t_submit = {}, {}, {}
+
+    def compile_one(dt, lowered):
+        exe = lowered.compile()
+        return exe, round(time.perf_counter() - t_submit[dt], 2), _planned_mb(exe)
+
     for dt in dtypes:
         cfg = config.copy_and_resolve_references()
         cfg.model.dtype = dt
         t = time.perf_counter()
-        lowered[dt] = train.build_step(cfg, mesh).lower(state0, lr, batches[0])
+        lowered = train.build_step(cfg, mesh).lower(abstract, lr, batches[0])
         results[dt] = {"lower_s": round(time.perf_counter() - t, 2)}
-    t_compile = time.perf_counter()
-
-    def compile_one(dt):
-        exe = lowered[dt].compile()
-        return exe, round(time.perf_counter() - t_compile, 2), _planned_mb(exe)
-
-    with concurrent.futures.ThreadPoolExecutor(len(dtypes)) as pool:  # XLA compiles outside the GIL
-        compiled = dict(zip(dtypes, pool.map(compile_one, dtypes), strict=True))
-    for dt in dtypes:
-        results[dt].update(compile_s=compiled[dt][1], xla_mb=compiled[dt][2])
-        r = results[dt]
+        t_submit[dt] = time.perf_counter()
+        futures[pool.submit(compile_one, dt, lowered)] = dt
+        timing(probe=results)
+    compiled = {}
+    for fut in concurrent.futures.as_completed(futures):
+        dt = futures[fut]
+        compiled[dt], compile_s, xla_mb = fut.result()
+        results[dt].update(compile_s=compile_s, xla_mb=xla_mb)
+        timing(probe=results, probe_note="compile_s: wall time, the dtypes compiled side by side")
         logging.info("probe %s: lowered in %.1f s, compiled in %.1f s, XLA plans %s MB",
-                     dt, r["lower_s"], r["compile_s"], r["xla_mb"])  # fmt: skip
-    timing(probe=results, probe_note="compile_s: wall time of the dtypes compiled side by side")
+                     dt, results[dt]["lower_s"], compile_s, xla_mb)  # fmt: skip
+    host0 = jax.device_get(init.result())  # each dtype starts from a copy (steps donate)
+    pool.shutdown()
     warm = max(1, min(2, len(batches) - 2))
     for dt in dtypes:
-        step, state = compiled[dt][0], parallel.replicate(host0, mesh)
+        step, state = compiled[dt], parallel.replicate(host0, mesh)
         metrics, t = [], time.perf_counter()
         for k, batch in enumerate(batches):
             if k == warm:

@@ -31,18 +31,18 @@ def _script(name: str):
     return module
 
 
-def _write_msrs_like(root: pathlib.Path, n: int = 8) -> None:
-    """n synthetic pairs (demo scenes, 64x80) as a msrs/train split; its last one held back."""
+def _write_msrs_like(root: pathlib.Path, n: int = 8, split: str = "msrs/train") -> None:
+    """n synthetic pairs (demo scenes, 64x80) as a split (msrs/train: its last 5 % held back)."""
     for sub in ("vi", "ir"):
-        (root / "msrs" / "train" / sub).mkdir(parents=True)
+        (root / split / sub).mkdir(parents=True)
     for k in range(n):
-        people = ((0.2 + 0.08 * k, 0.7, 1.0), (0.8 - 0.05 * k, 0.75, 1.2))
+        people = ((0.2 + 0.08 * k % 0.6, 0.7, 1.0), (0.8 - 0.05 * k % 0.6, 0.75, 1.2))
         vis, ir = demo.make_pair(64, 80, people=people, mirror=bool(k % 2))
-        write_png_atomic(root / "msrs" / "train" / "vi" / f"p{k}.png", vis)
-        write_png_atomic(root / "msrs" / "train" / "ir" / f"p{k}.png", ir)
+        write_png_atomic(root / split / "vi" / f"p{k:02d}.png", vis)
+        write_png_atomic(root / split / "ir" / f"p{k:02d}.png", ir)
 
 
-def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path):
+def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch):
     carry, out = tmp_path / "carry", tmp_path / "out"
     _write_msrs_like(carry / "data")
     text.caption_tree(carry / "data", carry / "captions")
@@ -106,13 +106,39 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path):
     pair = tmp_path / "pair"
     for sub in ("vi", "ir"):
         (pair / sub).mkdir(parents=True)
-        (pair / sub / "p7.png").write_bytes(
-            (carry / "data/msrs/train" / sub / "p7.png").read_bytes()
+        (pair / sub / "p07.png").write_bytes(
+            (carry / "data/msrs/train" / sub / "p07.png").read_bytes()
         )
     weights = out / cands[-1]["file"]
     args = ["--vis", pair / "vi", "--ir", pair / "ir", "--out", tmp_path / "fused"]
     assert fuse.main([str(a) for a in args] + ["--weights", str(weights)]) == 0
-    assert read_image(tmp_path / "fused" / "p7.png", "RGB").shape == (64, 80, 3)
+    assert read_image(tmp_path / "fused" / "p07.png", "RGB").shape == (64, 80, 3)
+
+    # the ship rule on a stand-in for the selection data (one msrs/train frame held back, one
+    # RoadScene pair after the first 40), the first candidate standing for the shipped file
+    sel, root = _script("select_student"), tmp_path / "sel"
+    _write_msrs_like(root, n=2)
+    _write_msrs_like(root, n=41, split="roadscene")
+    shipped = tmp_path / "weights" / "student_ivf.msgpack"
+    shipped.parent.mkdir()
+    monkeypatch.setattr(sel, "SHIPPED", shipped)
+    rule = sel.decide  # tested on its own below; forced to ship here, to test --ship
+    monkeypatch.setattr(sel, "decide", lambda *a: {**rule(*a), "ships": True})
+    files = [str(out / c["file"]) for c in cands]
+    argv = ["--candidates", *files[2:], "--shipped", files[0], "--data", str(root)]
+    assert sel.main([*argv, "--out", str(tmp_path / "selection"), "--ship"]) == 0
+    verdict = json.loads((tmp_path / "selection" / "decision.json").read_text())
+    assert verdict["winner"] in ("student_s00003", "student_s00004")
+    assert set(verdict["bars"]) == {"shipped", "vis"} and verdict["ships"]
+    record = json.loads(shipped.with_suffix(".json").read_text())
+    winner = out / f"{verdict['winner']}.msgpack"
+    assert record["sha256"] == checkpoint.file_sha256(shipped) == checkpoint.file_sha256(winner)
+    assert record["file"] == "student_ivf.msgpack" and record["step"] in (3, 4)
+    assert record["selection"]["score"] == verdict["score"]
+    rows = (tmp_path / "selection" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 5  # 2 pairs x (vis, max, shipped, 2 candidates)
+    table = (tmp_path / "selection" / "selection.md").read_text()
+    assert "| vis | " in table and "| max | " in table and "(1 pairs)" in table
 
 
 def test_dtype_pick_candidate_steps_and_ship_verdict():

@@ -46,8 +46,8 @@
 # Rehearsals on the CPU: the smoke form (tests/test_device_train.py runs it: tiny configs,
 # 4 steps, 4 candidates, the grid on a tiny model; 40-50 s with the compile cache warm, 70-105 s
 # cold, on the shared 2-core machine), and the real configuration cut short (the real student,
-# batch 2, 3 steps, one dtype: 385 s here, 74 s of it the step's compile, 4.6 min to the end
-# of the first step):
+# batch 2, 3 steps, one dtype: 385 s here, 74 s of it the step's compile, 3.7 min before the
+# run's first step):
 #   SMOKE=1 OUT=/tmp/device_out bash scripts/device_train.sh run   # needs .carry (stage)
 #   DTYPE=float32 BUDGET_S=3600 PROBE_STEPS=3 OUT=/tmp/device_out \
 #     TRAIN_ARGS="--config.batch_size=2 --config.steps=3" GRID="--models student,teacher \

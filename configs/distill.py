@@ -17,6 +17,11 @@ Variants after the colon, combinable (`:official,smoke`):
             teacher of configs/teacher.py:official (runs/teacher_official).
   nodistill the student on the fusion loss alone, no teacher (the paper's no-distillation
             ablation; with --config.init_weights=FILE, fine-tuning of a student file).
+  gpu       the settings of the GPU run (scripts/device_train.py, which sets max_train_s and
+            the checkpoint interval from the step rate it measures): msrs/train full-size
+            frames only (its last 5 % held back), batch 16 of 128² crops, AdamW 5e-4 (from
+            scratch; the CPU runs' rate for it) with global-norm clip 1.0, no remat, the
+            'time_cosine' schedule (at most 20k steps), 16 reading threads.
   smoke     tiny student and teacher, 64² crops, 4 steps on msrs_128, 2 validation pairs; reads
             runs/teacher_smoke. About 30 s on a 2-core CPU after compile. Result: it runs.
 
@@ -31,7 +36,7 @@ from dtpf_jax import config_lib
 from dtpf_jax.datasets import default_config as data_config
 from dtpf_jax.networks import model_config
 
-VARIANTS = {"nodistill", "official", "smoke"}
+VARIANTS = {"gpu", "nodistill", "official", "smoke"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -98,6 +103,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.schedule = "official_cosine"
     if "nodistill" in variants:
         config.stage = "student"
+    if "gpu" in variants:
+        config.model.remat = False  # a GPU has the memory; recomputing costs step time
+        config.data.train = config.data.val = ("msrs/train",)
+        config.data.read_threads, config.data.prefetch = 16, 32
+        config.optimizer.lr, config.grad_clip = 5e-4, 1.0
+        config.schedule, config.max_train_s, config.steps = "time_cosine", 300.0, 20_000
+        config.log_every = 100
     if "smoke" in variants:
         config_lib.apply_smoke(config, [config.model, config.teacher_model])
     return config

@@ -72,7 +72,8 @@ def evaluate_folders(
     names: Sequence[str] | None = None,
     progress: bool = False,
 ) -> Evaluation:
-    """Pair every fused folder with the sources by basename and score each image.
+    """Pair every fused folder with the sources by basename and score each image: `names`,
+    by default every metric and the diagnostic IRT (metrics.METRICS + metrics.DIAGNOSTICS).
 
     Raises DataError (one line, naming the files) for missing folders, unmatched names,
     unreadable images or sizes that differ.
@@ -83,6 +84,7 @@ def evaluate_folders(
     if not fused_dirs:
         raise DataError("no fused folder given; pass at least one --fused DIR")
     methods = method_names(fused_dirs)
+    names = metrics.METRICS + metrics.DIAGNOSTICS if names is None else tuple(names)
     roles = ["--vis", "--ir"] + [f"--fused {m}" for m in methods]
     pairs = pair_by_name([vis, ir, *fused_dirs], roles)
     ev = Evaluation(
@@ -345,8 +347,11 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Score fused images against their visible and infrared sources (files paired by "
             "basename, ignoring the extension): prints the mean of each metric, optionally "
-            "writes a per-image CSV and an HTML report. Definitions and the two conventions: "
-            "the docstring of dtpf_jax/metrics.py."
+            "writes a per-image CSV and an HTML report. Beside the metrics, the diagnostic IRT "
+            "(infrared transfer): over the brightest 5% of the infrared where it is brighter "
+            "than the visible luma, the fraction of that excess the fused luma brings in "
+            "(visible image 0, max(vis, ir) 1; empty where no pixel qualifies). Definitions and "
+            "the two conventions: the docstring of dtpf_jax/metrics.py."
         ),
     )
     p.add_argument(
@@ -372,7 +377,8 @@ def _parser() -> argparse.ArgumentParser:
         "--csv",
         metavar="FILE",
         help="per-image CSV: name, EN, SD, SF, AG, MI, SCD, CC, VIF, Qabf, Nabf, SSIM, "
-        "MS_SSIM, PSNR, MSE (full precision; MS_SSIM empty below 161 px); with "
+        "MS_SSIM, PSNR, MSE, IRT (full precision; MS_SSIM empty below 161 px, IRT where no "
+        "pixel qualifies); with "
         "several --fused folders, one file with a leading 'method' column",
     )
     p.add_argument(

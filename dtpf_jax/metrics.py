@@ -14,6 +14,17 @@ Both keep DTPF's choices (METRICS §3): EN with its 1e-7 epsilon, MI in bits sum
 sources, AG over (H-1)(W-1), VIF = VIFP(A,F) + VIFP(B,F), Qabf with the G = g_F quirk, Nabf with
 w_min = 0, SSIM and MS-SSIM summed over the sources with an effective L = 1, PSNR with the
 +48.13 dB offset and MSE on the [0, 1] scale. Results carry the convention's name (`Scores`).
+
+Diagnostic, not a metric of the paper (`DIAGNOSTICS`; `evaluate` reports it beside them, as the
+column IRT): **infrared transfer**, how much of the infrared's excess brightness over the visible
+image a fusion brings in. Over the pixels in the top 5 % of the infrared image (at or above its
+95th percentile) where the infrared is brighter than the visible luma Y (BT.601,
+`color.rgb_to_gray` of the 8-bit levels), IRT = sum(Y_F - Y) / sum(ir - Y), Y_F the fused
+image's luma; per image, then the mean over images. The visible image scores 0, max(Y, ir) 1,
+a luma blend Y + k (max(Y, ir) - Y) k (before rounding to 8 bits); above 1 a fusion overshoots
+the infrared there, below 0 it darkens what the infrared shows. An image with no such pixel
+scores NaN (left out of means, an empty CSV cell). VIF, Qabf and MI reward a fusion that keeps
+the visible image; IRT shows what it adds. The same under both conventions, on the 8-bit images.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
+from dtpf_jax import color
 from dtpf_jax.images import to_uint8
 
 CONVENTIONS = ("clean", "dtpf_table")
@@ -33,6 +45,8 @@ METRICS = (
     "EN", "SD", "SF", "AG", "MI", "SCD", "CC", "VIF", "Qabf", "Nabf", "SSIM", "MS_SSIM", "PSNR",
     "MSE",
 )  # fmt: skip
+DIAGNOSTICS = ("IRT",)  # reported beside METRICS by `evaluate`; see the module docstring
+IRT_TOP = 0.05  # infrared transfer looks at the brightest 5 % of the infrared image
 LOWER_IS_BETTER = frozenset({"Nabf", "MSE"})
 QUALITY_METRICS = ("SSIM", "VIF", "SD", "Qabf", "EN")
 MIN_SIDE = 41  # the 4-scale VIFP needs 41 pixels to leave one valid pixel at its coarsest scale
@@ -367,6 +381,26 @@ def ms_ssim(x: np.ndarray, y: np.ndarray) -> float:
     return math.nan if ms is None else float(ms[0])
 
 
+def _luma(img: np.ndarray) -> np.ndarray:
+    """BT.601 luma (float64, levels 0..255) of an (H, W[, 1 or 3]) image; gray stays gray."""
+    img = np.asarray(img, np.float64)
+    if img.ndim == 2:
+        return img
+    return np.asarray(color.rgb_to_gray(img))[..., 0]
+
+
+def infrared_transfer(fused: np.ndarray, vis: np.ndarray, ir: np.ndarray, top=IRT_TOP) -> float:
+    """IRT of one image (module docstring): sum(Y_F - Y) / sum(ir - Y) over the pixels in the
+    top `top` fraction of `ir` (ir >= its 1 - top quantile) where ir > Y; NaN if none."""
+    y, yf, b = _luma(vis), _luma(fused), _luma(ir)
+    if not y.shape == yf.shape == b.shape:
+        raise ValueError(f"fused, vis and ir differ in size: {yf.shape}, {y.shape}, {b.shape}")
+    mask = (b >= np.quantile(b, 1 - top)) & (b > y)
+    if not mask.any():
+        return math.nan
+    return float(np.sum(yf[mask] - y[mask]) / np.sum(b[mask] - y[mask]))
+
+
 def gray_clean(img: np.ndarray) -> np.ndarray:
     """uint8 (H, W[, 1 or 3]) -> Pillow's rounded BT.601 gray (what read_image(p, 'L') gives)."""
     img = np.asarray(img)
@@ -423,11 +457,13 @@ def evaluate_pair(
     convention: str = "clean",
     names: Sequence[str] | None = None,
 ) -> Scores:
-    """All (or the `names`) metrics of one uint8 triple: fused (H,W[,3]), vis (H,W,3), ir (H,W)."""
+    """METRICS (or the `names`, which may add DIAGNOSTICS) of one uint8 triple: fused (H,W[,3]),
+    vis (H,W,3), ir (H,W)."""
     names = tuple(METRICS if names is None else names)
-    unknown = set(names) - set(METRICS)
+    unknown = set(names) - set(METRICS + DIAGNOSTICS)
     if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(METRICS)}")
+        known = ", ".join(METRICS + DIAGNOSTICS)
+        raise ValueError(f"unknown metrics {sorted(unknown)}; known: {known}")
     a, b, f, f_raw = _prepare(fused, vis, ir, convention)
     # SSIM and MS-SSIM share their first scale: compute both at most once.
     both_ssim = functools.cache(lambda: _ssim_and_ms_ssim(np.stack([a, b]), f, "MS_SSIM" in names))
@@ -446,8 +482,9 @@ def evaluate_pair(
         "MS_SSIM": lambda: math.nan if both_ssim()[1] is None else float(both_ssim()[1].sum()),
         "PSNR": lambda: psnr(a, b, f),
         "MSE": lambda: mse(a, b, f),
+        "IRT": lambda: infrared_transfer(fused, vis, ir),
     }
-    return Scores({k: compute[k]() for k in METRICS if k in names}, convention)
+    return Scores({k: compute[k]() for k in METRICS + DIAGNOSTICS if k in names}, convention)
 
 
 def to_levels(img: np.ndarray, convention: str) -> np.ndarray:

@@ -147,7 +147,10 @@ def _abstract_features(model: networks.FusionNet) -> list[jax.ShapeDtypeStruct]:
 def make_init(config: ml_collections.ConfigDict) -> Callable[[jax.Array], State]:
     """Pure rng -> fresh train state {step, params: {net[, adapters]}, opt_state[, frozen]}."""
     tx = make_optimizer(config)
-    model = networks.build_model(config.model)
+    # Params are float32 at any compute dtype: one init program (and compile) serves them all.
+    model_cfg = config.model.copy_and_resolve_references()
+    model_cfg.dtype = "float32"
+    model = networks.build_model(model_cfg)
 
     def init(rng: jax.Array) -> State:
         k_net, k_adapters = jax.random.split(rng)

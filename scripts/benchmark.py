@@ -3,6 +3,7 @@
     python scripts/benchmark.py --quick                 # batch 1, fp32, 128² and 256x320, 3 runs
     python scripts/benchmark.py --json bench.json       # the full grid (long on a 2-core CPU)
     python scripts/benchmark.py --quick --malloc-tuned  # the same under the CLIs' malloc setting
+    python scripts/benchmark.py --batches 1,16 --no-flops --max-s 150 --json speed.json  # a GPU
 
 For each model x size x batch x dtype: parameters, FLOPs as XLA reports them
 (`jax.jit(f).lower(...).compile().cost_analysis()`, all ops, not only conv/matmul, of the
@@ -23,7 +24,11 @@ there (DESIGN §11). `python -m dtpf_jax.fuse` / `.evaluate` / `.train` re-execu
 under `dtpf_jax.malloc.TUNED` (fewer page faults); --malloc-tuned re-runs this script under
 the same setting, to measure what the CLIs get. The header prints the setting in force.
 
-Runs unchanged on a GPU (no transformers, no training stack).
+Runs unchanged on a GPU (no transformers, no training stack); the CLI figure needs grain.
+--json writes the records after each configuration, so a run cut short keeps what it measured;
+--max-s starts no configuration after that many seconds; --no-flops skips the cost analysis
+(a second compile per configuration); --tiny measures models of dim 8 without transformer
+blocks, for rehearsals of a GPU command on a CPU.
 """
 
 from __future__ import annotations
@@ -110,6 +115,8 @@ def bench_one(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
     """Params, XLA FLOPs, compile time, median latency and memory of one configuration."""
     cfg = networks.model_config(kind)
     cfg.dtype = dtype
+    if args.tiny:  # the tests' smallest: every module kind but the transformer blocks
+        cfg.dim, cfg.num_blocks, cfg.num_refinement_blocks = 8, (0, 0, 0, 0), 0
     model = networks.build_model(cfg)
     params = jax.device_put(infer.random_params(cfg))
     rng = np.random.default_rng(0)
@@ -128,7 +135,7 @@ def bench_one(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
     t0 = time.perf_counter()
     compiled = jax.jit(fwd).lower(params, vis, ir, text).compile()
     compile_s = time.perf_counter() - t0
-    cost = one_piece_cost(fwd, (params, vis, ir, text))
+    cost = one_piece_cost(fwd, (params, vis, ir, text)) if args.flops else {}
     peak_reset()  # after compiling: XLA's compiler alone can take more memory than a call
     mem = compiled.memory_analysis()
     planned = (
@@ -152,8 +159,9 @@ def bench_one(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
         "dtype": dtype,
         "compile_s": round(compile_s, 3),
         "median_ms": round(1000 * statistics.median(times), 2),
+        "images_per_s": round(batch / statistics.median(times), 2),
         "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
-        "gflops": round(float(cost.get("flops", float("nan"))) / 1e9, 3),
+        "gflops": round(float(cost.get("flops", float("nan"))) / 1e9, 3) if cost else None,
         "runs": len(times),
         "padded": f"{hp}x{wp}",
         "xla_mb": round(planned / 2**20, 1),
@@ -202,6 +210,12 @@ def bench_cli(n: int, h: int, w: int, folder: str | None) -> dict:
     }
 
 
+def write_json(path: str, records: list[dict]) -> None:
+    tmp = pathlib.Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(records, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def official_ms(rec: dict) -> float | None:
     if rec["batch"] != 1 or rec["dtype"] != "float32":
         return None
@@ -220,6 +234,10 @@ def table(records: list[dict], cpu: bool = True) -> str:
     )
     lines = [fmt(cols), "-" * sum(widths)]
     for r in records:
+        if "error" in r:
+            where = f"{r['model']} {r['height']}x{r['width']} batch {r['batch']} {r['dtype']}"
+            lines.append(f"{where}: {r['error']}")
+            continue
         ref = official_ms(r) if cpu else None
         star = "*" if ref and (r["height"], r["width"]) in OFFICIAL_SIZE else ""
         gf = f"{r['gflops']:.1f}" if r.get("gflops") is not None else "-"
@@ -243,8 +261,9 @@ def table(records: list[dict], cpu: bool = True) -> str:
             )
         )
     key = lambda r: (r["model"], r["height"], r["width"], r["batch"], r["dtype"])
-    by_key, notes = {key(r): r for r in records}, []
-    for s in records:
+    ok = [r for r in records if "error" not in r]
+    by_key, notes = {key(r): r for r in ok}, []
+    for s in ok:
         t = by_key.get(("teacher", *key(s)[1:]))
         if s["model"] == "student" and t:
             ref_s, ref_t = official_ms(s), official_ms(t)
@@ -301,6 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cli-folder", help="a split folder with vi/ and ir/ instead (e.g. msrs/test)")
     p.add_argument("--json", metavar="FILE", help="also write the records as a JSON list")
     p.add_argument(
+        "--flops",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="XLA's FLOP count of each configuration (one more compile each)",
+    )
+    p.add_argument(
+        "--max-s", type=float, default=0.0, help="start no configuration after S seconds (0: off)"
+    )
+    p.add_argument("--tiny", action="store_true", help="dim 8, no blocks: for rehearsals only")
+    p.add_argument(
         "--malloc-tuned", action="store_true", help="re-run under the CLIs' dtpf_jax.malloc.TUNED"
     )
     args = p.parse_args(argv)
@@ -315,14 +344,30 @@ def main(argv: list[str] | None = None) -> int:
     except AttributeError:
         jax.config.update("jax_compilation_cache_dir", None)
     print(header(), flush=True)
-    records = []
-    for kind in _list(args.models):
-        for dtype in _list(args.dtypes):
-            for h, w in map(_size, _list(args.sizes)):
-                for batch in _list(args.batches, int):
-                    rec = bench_one(kind, h, w, batch, dtype, args)
-                    print(json.dumps(rec), flush=True)
-                    records.append(rec)
+    records, t0 = [], time.perf_counter()
+    env = os.environ.get("GLIBC_TUNABLES") or "default"
+    device = jax.devices()[0].device_kind
+    grid = [
+        (kind, dtype, h, w, batch)
+        for kind in _list(args.models)
+        for dtype in _list(args.dtypes)
+        for h, w in map(_size, _list(args.sizes))
+        for batch in _list(args.batches, int)
+    ]
+    for kind, dtype, h, w, batch in grid:
+        if args.max_s and time.perf_counter() - t0 > args.max_s:
+            print(f"--max-s {args.max_s:g}: {kind} {h}x{w} batch {batch} {dtype} and after skipped")
+            break
+        try:
+            rec = bench_one(kind, h, w, batch, dtype, args)
+        except Exception as e:  # e.g. out of memory: the configurations after it still run
+            rec = {"model": kind, "height": h, "width": w, "batch": batch, "dtype": dtype}
+            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rec.update(device=device, glibc_tunables=env, tiny=args.tiny)
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
+        if args.json:  # after each: a run cut short keeps what it measured
+            write_json(args.json, records)
     if args.cli_images:
         try:
             rec = bench_cli(args.cli_images, *_size(args.cli_size), args.cli_folder)
@@ -330,13 +375,12 @@ def main(argv: list[str] | None = None) -> int:
             records.append(rec)
         except ImportError as e:
             print(f"fuse CLI figure skipped: {e}")
-    env = os.environ.get("GLIBC_TUNABLES") or "default"
     for r in records:
-        r.update(device=jax.devices()[0].device_kind, glibc_tunables=env)
+        r.update(device=device, glibc_tunables=env)
     print()
     print(table(records, cpu=jax.devices()[0].platform == "cpu"))
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+        write_json(args.json, records)
         print(f"records: {args.json}")
     return 0
 

@@ -39,7 +39,7 @@ from dtpf_jax import color, config_lib, datasets, evaluate, images, infer, text
 
 IVF_SPLITS = ("msrs/test", "roadscene", "tno", "m3fd")
 MED_SPLITS = ("harvard/pet_mri/test", "harvard/spect_mri/test", "harvard/ct_mri/test")
-IVF_COLUMNS = ("EN", "MI", "SF", "VIF", "Qabf")
+IVF_COLUMNS = ("EN", "MI", "SF", "VIF", "Qabf", "IRT")  # IRT: infrared transfer (metrics.py)
 MED_COLUMNS = ("EN", "MI", "SF", "VIF", "Qabf", "SSIM")
 CONVENTIONS = ("dtpf_table", "clean")
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dtpf_jax import metrics
-from dtpf_jax.data import read_image
+from dtpf_jax.images import read_image
 
 CASES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "metric_cases"
 FUSED = ("fused_max_gray.png", "fused_mean_gray.png")

@@ -15,7 +15,7 @@ from PIL import Image
 from dtpf_jax import evaluate, metrics
 from dtpf_jax.images import read_image
 
-COLUMNS = ["name", *metrics.METRICS]
+COLUMNS = ["name", *metrics.METRICS, *metrics.DIAGNOSTICS]
 
 
 def _image(rng, h, w, channels=None):
@@ -73,6 +73,8 @@ def test_happy_path_csv_html(tmp_path, capsys):
     for k in metrics.METRICS:
         if k != "MS_SSIM":
             assert float(row[k]) == ref[k], k
+    irt = metrics.infrared_transfer(fused, read_image(vis, "RGB"), read_image(ir, "L"))
+    assert float(row["IRT"]) == irt and "IRT↑" in table
     page = (out / "r.html").read_text()
     assert page.count("data:image/png;base64,") == 9  # vis | ir | fused for 3 images
     assert "clean" in page and "Nabf↓" in page and "http" not in page

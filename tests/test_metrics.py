@@ -665,3 +665,42 @@ def test_bad_inputs():
         metrics.evaluate_pair(f, a, b, names=["VIFF"])
     with pytest.raises(ValueError, match="integer gray levels"):
         metrics.entropy(f / 255)
+
+
+def test_infrared_transfer_of_the_visible_image_max_and_a_known_blend():
+    rng = np.random.default_rng(0)
+    vis = rng.integers(0, 256, (48, 52, 3), dtype=np.uint8)
+    ir = rng.integers(0, 256, (48, 52), dtype=np.uint8)
+    y = vis.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # BT.601 luma
+    assert metrics.infrared_transfer(vis, vis, ir) == 0.0
+    gray_max = np.round(np.maximum(y, ir)).astype(np.uint8)  # as reproduce_results' `max`
+    assert metrics.infrared_transfer(gray_max, vis, ir) == pytest.approx(1.0, abs=1e-12)
+    # Gray scene at 100; 5 % of the infrared pixels at 200, the rest at 50. Where the visible
+    # image is brighter than the infrared (the bright patch), or outside the top 5 %, changes
+    # in the fused image do not count.
+    vis = np.full((40, 50, 3), 100, np.uint8)
+    ir = np.full((40, 50), 50, np.uint8)
+    hot = np.zeros((40, 50), bool)
+    hot[:10, :10] = True  # 100 of 2000 pixels: the top 5 %
+    ir[hot] = 200
+    vis[:2, :10] = 250  # 20 hot pixels where the visible image is brighter
+    fused = vis.copy()
+    fused[hot & (vis[..., 0] == 100)] = 125  # a quarter of the way to the infrared
+    fused[20:, :] = 0  # outside the top 5 %
+    fused[:2, :10] = 0  # where ir < Y
+    assert metrics.infrared_transfer(fused, vis, ir) == pytest.approx(0.25, abs=1e-12)
+    assert metrics.infrared_transfer(fused[..., 0], vis, ir) == pytest.approx(0.25, abs=1e-12)
+
+
+def test_infrared_transfer_without_qualifying_pixels_is_nan_and_left_out_of_means():
+    a, b, f = sources(48, 50)
+    vis = np.full((48, 50, 3), 255, np.uint8)  # no infrared pixel is brighter than this
+    s = metrics.evaluate_pair(f, vis, b, "clean", names=("SD", "IRT"))
+    assert list(s) == ["SD", "IRT"] and math.isnan(s["IRT"])
+    other = metrics.evaluate_pair(f, np.repeat(a[..., None], 3, -1), b, "clean", ["SD", "IRT"])
+    assert 0 < other["IRT"] < 1.5
+    assert metrics.mean_scores([s, other])["IRT"] == other["IRT"]
+    # the same under both conventions: it reads the 8-bit images, not the convention's gray
+    rgb = np.repeat(a[..., None], 3, -1)
+    assert metrics.evaluate_pair(f, rgb, b, "dtpf_table", ["IRT"])["IRT"] == other["IRT"]
+    assert "IRT" not in metrics.evaluate_pair(f, rgb, b)  # a diagnostic: asked for by name

@@ -60,3 +60,8 @@ def test_baselines_only(tmp_path, caplog):
     )
     vif = next(iter(ev.means().values()))["VIF"]
     assert "| vis | " in tables and f"{vif:.4f}" in tables
+    # infrared transfer: the visible image brings none of the infrared in, max all of it
+    section = tables.split("## Convention `dtpf_table`")[1]
+    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in section.splitlines()}
+    assert rows["| method"][-1] == "IRT |"
+    assert rows["| vis"][-1] == "0.0000 |" and rows["| max"][-1] == "1.0000 |"

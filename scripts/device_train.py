@@ -1,0 +1,383 @@
+"""One GPU command: measure the train step, train the student, export candidates, time a grid.
+
+    python3 scripts/device_train.py --config configs/distill.py:nodistill,gpu --out OUT \
+        --config.data.root=DATA --config.data.captions=CAPTIONS [--budget_s 480] [--t0 EPOCH]
+
+`bash scripts/device_train.sh run` calls this (its header says how to run it on a lent GPU and
+what to do with what comes back). Everything ends within --budget_s seconds of --t0 (the
+command's start, so that installing the carried wheels counts):
+
+1. timing.json at once (device, versions, install time), rewritten after every measurement and
+   with any exception, so that a run that fails still says how far it got and why.
+2. The training pairs decoded once into uncompressed BMP under --scratch (their captions copied
+   as <name>.txt): a 640x480 PNG pair costs ~5x the host time of a BMP pair, and 16 of them are
+   read per step.
+3. The probe: the input pipeline's batches/s, then the train step of --config at float32 and
+   at bfloat16 compute (--dtype forces one), each compiled in a thread while the next is traced
+   (the init program too), then run for --probe_steps on the same real batches from the same
+   initial state: compile s, XLA's planned MB, step s, steps/s, images/s, each step's loss.
+4. The pick: bfloat16 if its step is at least 10 % faster and its mean loss over the second
+   half of the probe within 2 % of float32's (it trains as well), else float32. If the input
+   pipeline's threads gave fewer than 1.5 batches per step, grain worker processes read too.
+5. Training (train.train_and_evaluate, in this process: the persistent compilation cache hands
+   it the probe's step) with max_train_s = what is left minus --grid_s and --export_s, and a
+   validation + checkpoint every 1/--candidates of the steps the probe's rate predicts.
+6. The last --candidates checkpoints (the final one and earlier ones at least half an interval
+   before it) exported as float16 weight files student_sNNNNN.msgpack, recorded as float32
+   networks (fuse runs them on any device), each read back; candidates.json describes them.
+7. The speed grid: scripts/benchmark.py in a subprocess (--grid; records written after each
+   configuration, so a cut keeps them) in the time left, then the probe's training-step
+   records appended: speed.json.
+
+OUT then holds at most 8 files: run.log (device_train.sh's tee), timing.json, candidates.json,
+speed.json and at most 4 student files of ~8.8 MB.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging as std_logging
+import os
+import pathlib
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from PIL import Image
+
+from dtpf_jax import captions, checkpoint, datasets, export, images, parallel, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DTYPES = ("float32", "bfloat16")
+GRID = (
+    "--models student,teacher --sizes 128x128,480x640 --batches 1,16 --dtypes float32,bfloat16 "
+    "--runs 10 --warmup 2 --budget 3"
+)
+BF16_SPEEDUP = 0.9  # bfloat16 is picked if its step takes at most this fraction of float32's
+BF16_LOSS_TOLERANCE = 1.02  # ... and its probe loss is at most this multiple of float32's
+INPUT_MARGIN = 1.5  # reading threads must give this many batches per step, else add workers
+
+
+class Timing:
+    """timing.json: fields merged in and the file rewritten (atomically) on every call."""
+
+    def __init__(self, path: pathlib.Path, t0: float):
+        self.path, self.t0, self.fields = path, t0, {}
+
+    def __call__(self, **fields) -> None:
+        self.fields.update(fields, elapsed_s=round(time.time() - self.t0, 1))
+        images.atomic_write(self.path, json.dumps(self.fields, indent=1, default=str) + "\n")
+
+
+def decode_training_data(cfg: ml_collections.ConfigDict, dest: pathlib.Path):
+    """cfg (a data config) read from BMP copies of its train and val pairs under dest."""
+    roles = ("train", "val")
+    pairs = {(p.split, p.name): p for role in roles for p in datasets.source_pairs(cfg, role)}
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.root, caps = str(dest / "data"), dest / "captions"
+    for p in pairs.values():
+        if pathlib.Path(p.split).is_absolute():
+            raise images.DataError(f"{p.split}: training folders must lie under data.root")
+        for src, mode in ((p.a, "RGB"), (p.b, "L")):
+            folder = dest / "data" / p.split / pathlib.Path(src).parent.name
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images.read_image(src, mode)).save(folder / f"{p.name}.bmp")
+        folder_caps = cfg.captions and captions.caption_dir(cfg.captions, p.split)
+        found = folder_caps and captions.caption_file(folder_caps, p)
+        if found:  # a missing caption is reported by the training run, as without this copy
+            (caps / p.split).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(found, caps / p.split / f"{p.name}.txt")
+    out.captions = str(caps) if cfg.captions else ""
+    return out
+
+
+def probe(config, mesh, batches: list, dtypes: tuple[str, ...], timing: Timing) -> dict:
+    """Compile time, step time and losses of the train step at each compute dtype.
+
+    XLA compiles outside the GIL: the init program and each dtype's step compile in threads
+    while the next one is traced; each result is written as it comes.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(len(dtypes) + 1)
+    # Params are float32 whatever the compute dtype: one initial state serves both.
+    init = pool.submit(train.init_state, config, mesh)
+    lr = np.float32(config.optimizer.lr)
+    abstract = train.abstract_state(config, mesh)  # what init_state returns, as shapes
+    results, futures, t_submit = {}, {}, {}
+
+    def compile_one(dt, lowered):
+        exe = lowered.compile()
+        return exe, round(time.perf_counter() - t_submit[dt], 2), _planned_mb(exe)
+
+    for dt in dtypes:
+        cfg = config.copy_and_resolve_references()
+        cfg.model.dtype = dt
+        t = time.perf_counter()
+        lowered = train.build_step(cfg, mesh).lower(abstract, lr, batches[0])
+        results[dt] = {"lower_s": round(time.perf_counter() - t, 2)}
+        t_submit[dt] = time.perf_counter()
+        futures[pool.submit(compile_one, dt, lowered)] = dt
+        timing(probe=results)
+    compiled = {}
+    for fut in concurrent.futures.as_completed(futures):
+        dt = futures[fut]
+        compiled[dt], compile_s, xla_mb = fut.result()
+        results[dt].update(compile_s=compile_s, xla_mb=xla_mb)
+        timing(probe=results, probe_note="compile_s: wall time, the dtypes compiled side by side")
+        logging.info("probe %s: lowered in %.1f s, compiled in %.1f s, XLA plans %s MB",
+                     dt, results[dt]["lower_s"], compile_s, xla_mb)  # fmt: skip
+    host0 = jax.device_get(init.result())  # each dtype starts from a copy (steps donate)
+    pool.shutdown()
+    warm = max(1, min(2, len(batches) - 2))
+    for dt in dtypes:
+        step, state = compiled[dt], parallel.replicate(host0, mesh)
+        metrics, t = [], time.perf_counter()
+        for k, batch in enumerate(batches):
+            if k == warm:
+                jax.block_until_ready(metrics)
+                t = time.perf_counter()
+            state, m = step(state, lr, batch)
+            metrics.append(m)
+        jax.block_until_ready(metrics)
+        step_s = (time.perf_counter() - t) / (len(batches) - warm)
+        results[dt].update(
+            step_s=round(step_s, 5),
+            steps_per_s=round(1 / step_s, 3),
+            images_per_s=round(config.batch_size / step_s, 1),
+            losses=[round(float(m["loss"]), 5) for m in metrics],
+        )
+        del state
+        timing(probe=results)
+        r = results[dt]
+        logging.info(
+            "probe %s: %.4f s/step, %.2f steps/s, %.1f images/s; losses %s",
+            dt, r["step_s"], r["steps_per_s"], r["images_per_s"], r["losses"][-3:],
+        )  # fmt: skip
+    return results
+
+
+def _planned_mb(compiled) -> float | None:
+    """XLA's planned memory of a compiled program: arguments + temporaries + outputs, MB."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+    return round(total / 2**20, 1)
+
+
+def pick_dtype(results: dict) -> tuple[str, str]:
+    """(dtype, why): bfloat16 where it is faster and trains as well as float32."""
+    if len(results) == 1:
+        return next(iter(results)), "forced (--dtype)"
+    fp, bf = results["float32"], results["bfloat16"]
+    half = len(fp["losses"]) // 2
+    loss = {k: statistics.mean(r["losses"][half:]) for k, r in results.items()}
+    faster = bf["step_s"] <= BF16_SPEEDUP * fp["step_s"]
+    as_well = loss["bfloat16"] <= BF16_LOSS_TOLERANCE * loss["float32"]
+    why = (
+        f"step {bf['step_s']:.4f} s (bf16) vs {fp['step_s']:.4f} s (fp32); probe loss over the "
+        f"second half {loss['bfloat16']:.4f} vs {loss['float32']:.4f}"
+    )
+    return ("bfloat16" if faster and as_well else "float32"), why
+
+
+def candidate_steps(steps: list[int], every: int, n: int) -> list[int]:
+    """The final step and the n - 1 latest before it that lie at least every / 2 before it."""
+    final = steps[-1]
+    earlier = [s for s in steps[:-1] if final - s >= every / 2]
+    return ([*earlier[-(n - 1) :], final] if n > 1 else [final]) if earlier else [final]
+
+
+def export_candidates(workdir, steps: list[int], out: pathlib.Path, extra: dict) -> list[dict]:
+    records = []
+    for step in steps:
+        params, model_cfg, meta = export.restore_network(workdir, step)
+        meta.update(extra, trained_dtype=model_cfg.dtype, storage_dtype="float16")
+        model_cfg.dtype = "float32"  # compute dtype is the user's choice (fuse, load_model)
+        path = out / f"student_s{step:05d}.msgpack"
+        sha = checkpoint.save_params(path, params, model_cfg, meta, dtype="float16")
+        checkpoint.load_params(path)  # reads back and checks against the network
+        records.append({"file": path.name, "sha256": sha, "bytes": path.stat().st_size, **meta})
+    return records
+
+
+def speed_grid(out: pathlib.Path, grid: str, seconds: float, probe_results: dict, config) -> None:
+    """scripts/benchmark.py within `seconds`, then the probe's training steps: speed.json."""
+    path = out / "speed.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--json", str(path)]
+    cmd += ["--no-flops", "--cli-images", "0", "--max-s", f"{max(seconds - 45, 1):.0f}"]
+    # This process keeps its share (device_train.sh: at most 40 %, taken as needed).
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.55")
+    try:
+        subprocess.run(cmd + shlex.split(grid), timeout=seconds, env=env, check=True)
+    except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as e:
+        logging.warning("speed grid cut short: %s", e)
+    records = json.loads(path.read_text()) if path.is_file() else []
+    device = jax.devices()[0].device_kind
+    for dt, r in probe_results.items():
+        records.append(
+            {
+                "model": "student",
+                "kind": "train_step",
+                "height": config.data.crop,
+                "width": config.data.crop,
+                "batch": config.batch_size,
+                "dtype": dt,
+                "compile_s": r["compile_s"],
+                "median_ms": round(1000 * r["step_s"], 2),
+                "steps_per_s": r["steps_per_s"],
+                "images_per_s": r["images_per_s"],
+                "device": device,
+            }
+        )
+    images.atomic_write(path, json.dumps(records, indent=1) + "\n")
+
+
+def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) -> None:
+    f = flags.FLAGS
+    deadline = timing.t0 + f.budget_s
+    dev = jax.devices()[0]
+    timing(
+        device=dev.device_kind,
+        platform=dev.platform,
+        devices=jax.device_count(),
+        jax=jax.__version__,
+        python=sys.version.split()[0],
+        budget_s=f.budget_s,
+        install_s=f.install_s,
+        run=config.name,
+        batch=config.batch_size,
+        crop=config.data.crop,
+    )
+    scratch = pathlib.Path(f.scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+    t = time.perf_counter()
+    config.data = decode_training_data(config.data, scratch)
+    mesh = parallel.make_mesh()
+    data_cfg = train.run_data_config(config)
+    pairs = train.train_pairs(data_cfg)
+    batches_it = train.make_train_iter(
+        data_cfg, pairs, global_batch=config.batch_size, seed=config.seed, mesh=mesh
+    )
+    batches = [next(batches_it)]
+    t_read = time.perf_counter()
+    batches += [next(batches_it) for _ in range(f.probe_steps - 1)]
+    jax.block_until_ready(batches)
+    rate = (len(batches) - 1) / max(time.perf_counter() - t_read, 1e-9)
+    del batches_it
+    timing(
+        decode_s=round(t_read - t, 2),
+        pipeline={"batches_per_s": round(rate, 1), "pairs": len(pairs)},
+    )
+    logging.info("input pipeline: %.1f batches/s of %d", rate, config.batch_size)
+
+    dtypes = DTYPES if f.dtype == "auto" else (f.dtype,)
+    results = probe(config, mesh, batches, dtypes, timing)
+    dtype, why = pick_dtype(results)
+    config.model.dtype = dtype
+    steps_per_s = results[dtype]["steps_per_s"]
+    # Reading threads alone too slow for the step: worker processes too (each reads with
+    # read_threads; a pool costs seconds to start).
+    if rate < INPUT_MARGIN * steps_per_s and not config.data.num_workers:
+        config.data.num_workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    timing(dtype=dtype, dtype_why=why, input_workers=config.data.num_workers)
+    logging.info(
+        "compute dtype %s: %s; input %.1f batches/s for %.1f steps/s: %d worker processes",
+        dtype, why, rate, steps_per_s, config.data.num_workers,
+    )  # fmt: skip
+    del batches
+
+    train_s = max(deadline - time.time() - f.grid_s - f.export_s, 10.0)
+    expected = max(1, min(config.steps, int(steps_per_s * train_s * 0.9)))
+    every = max(1, expected // f.candidates)
+    config.max_train_s = train_s
+    config.eval_every = config.checkpoint_every = every
+    config.keep_best = 1000  # every validated checkpoint stays: the candidates come from them
+    workdir = scratch / "run"
+    timing(train={"max_train_s": round(train_s, 1), "expected_steps": expected, "every": every})
+    logging.info("train %.0f s (~%d steps), a candidate every %d steps", train_s, expected, every)
+    t = time.perf_counter()
+    last = train.train_and_evaluate(config, workdir)
+    timing(train=dict(timing.fields["train"], wall_s=round(time.perf_counter() - t, 1), **last))
+
+    mngr = checkpoint.train_manager(workdir, read_only=True)
+    saved = sorted(mngr.all_steps())
+    quality = {s: (mngr.metrics(s) or {}).get("quality") for s in saved}
+    mngr.close()
+    steps = candidate_steps(saved, every, f.candidates)
+    extra = {"device": dev.device_kind, "trained_s": round(train_s, 1), "batch": config.batch_size}
+    records = export_candidates(workdir, steps, out, extra)
+    images.atomic_write(
+        out / "candidates.json",
+        json.dumps(
+            {"candidates": records, "validation_quality": quality, "config": config.to_dict()},
+            indent=1,
+            default=list,
+        )
+        + "\n",
+    )
+    timing(exported=[r["file"] for r in records])
+    logging.info("candidates: %s", ", ".join(r["file"] for r in records))
+
+    left = deadline - time.time() - 5
+    if f.grid_s > 0 and left > 20:
+        speed_grid(out, f.grid, left, results, config)
+    else:
+        logging.warning("speed grid skipped (--grid_s %g, %.0f s left)", f.grid_s, left)
+    timing(done=True)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    if f.compile_cache and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(f.compile_cache))
+    logging.get_absl_logger().addFilter(  # as train.main: orbax's save chatter out
+        lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
+    )
+    if not 1 <= f.candidates <= 4:
+        raise app.UsageError("--candidates: 1 to 4 (8 files come back: 4 are logs and records)")
+    out = pathlib.Path(f.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timing = Timing(out / "timing.json", f.t0 or time.time())
+    try:
+        run(f.config, out, timing)
+    except BaseException as e:
+        timing(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+        if isinstance(e, images.DataError | checkpoint.WeightsError):
+            sys.exit(f"error: {e}")
+        raise
+
+
+def define_flags() -> None:
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/distill.py:nodistill,gpu[,smoke]")
+    flags.mark_flag_as_required("config")
+    flags.DEFINE_string("out", None, "folder for what comes back (at most 8 files)")
+    flags.mark_flag_as_required("out")
+    flags.DEFINE_float("budget_s", 480, "seconds from --t0 to the end of everything")
+    flags.DEFINE_float("t0", 0, "the command's start (epoch seconds; 0 = now)")
+    flags.DEFINE_float("install_s", 0, "seconds spent installing wheels before (recorded)")
+    flags.DEFINE_enum("dtype", "auto", ["auto", *DTYPES], "compute dtype; auto = probe both")
+    flags.DEFINE_integer("probe_steps", 30, "steps of the probe per dtype (2 of them warm-up)")
+    flags.DEFINE_integer("candidates", 4, "student files to bring back (at most 4)")
+    flags.DEFINE_float("grid_s", 150, "seconds kept for the speed grid (0: no grid)")
+    flags.DEFINE_float("export_s", 30, "seconds kept for exporting the candidates")
+    flags.DEFINE_string("grid", GRID, "scripts/benchmark.py arguments of the speed grid")
+    flags.DEFINE_string("scratch", "/tmp/dtpf_device", "decoded data and the run's workdir")
+    flags.DEFINE_string("compile_cache", "~/.cache/dtpf_jax/jax", "persistent XLA cache")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

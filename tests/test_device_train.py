@@ -1,0 +1,193 @@
+"""The GPU command (scripts/device_train.sh run) in its smoke form on the CPU, what it leaves for
+the device tool to bring back, and the ship rule's pieces (scripts/select_student.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+
+from dtpf_jax import checkpoint, demo, fuse, text
+from dtpf_jax.images import read_image, write_png_atomic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MIB = 2**20
+# What the device tool brings back: at most 8 files, 16 MiB each, 64 MiB together.
+OUT_FILE = re.compile(
+    r"(run\.log|timing\.json|candidates\.json|speed\.json|student_s\d{5}\.msgpack)"
+)
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_msrs_like(root: pathlib.Path, n: int = 8, split: str = "msrs/train") -> None:
+    """n synthetic pairs (demo scenes, 64x80) as a split (msrs/train: its last 5 % held back)."""
+    for sub in ("vi", "ir"):
+        (root / split / sub).mkdir(parents=True)
+    for k in range(n):
+        people = ((0.2 + 0.08 * k % 0.6, 0.7, 1.0), (0.8 - 0.05 * k % 0.6, 0.75, 1.2))
+        vis, ir = demo.make_pair(64, 80, people=people, mirror=bool(k % 2))
+        write_png_atomic(root / split / "vi" / f"p{k:02d}.png", vis)
+        write_png_atomic(root / split / "ir" / f"p{k:02d}.png", ir)
+
+
+def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch):
+    carry, out = tmp_path / "carry", tmp_path / "out"
+    _write_msrs_like(carry / "data")
+    text.caption_tree(carry / "data", carry / "captions")
+    env = dict(os.environ)
+    env.update(
+        CARRY=str(carry),
+        OUT=str(out),
+        SCRATCH=str(tmp_path / "scratch"),
+        SMOKE="1",
+        BUDGET_S="900",
+        PROBE_STEPS="2",  # one warm-up, one timed
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_backend_optimization_level=0",  # one device, programs at LLVM -O0
+        # the script calls python3: this interpreter (its venv), whether or not it is activated
+        PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+        # the smallest model of every module kind, batch 2; the session's compile cache
+        TRAIN_ARGS="--config.model.num_blocks=(0,0,0,0) --config.model.num_refinement_blocks=0 "
+        f"--config.batch_size=2 --compile_cache={jax.config.jax_compilation_cache_dir}",
+    )
+    proc = subprocess.run(
+        ["bash", "scripts/device_train.sh", "run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    files = sorted(out.iterdir())
+    names = [f.name for f in files]
+    assert all(f.is_file() and OUT_FILE.fullmatch(f.name) for f in files), names
+    sizes = [f.stat().st_size for f in files]
+    assert len(files) <= 8 and max(sizes) <= 16 * MIB and sum(sizes) <= 64 * MIB
+
+    timing = json.loads((out / "timing.json").read_text())
+    assert "error" not in timing and timing["done"] and timing["device"] == "cpu"
+    for dt in ("float32", "bfloat16"):  # both measured, the pick made from them
+        r = timing["probe"][dt]
+        assert r["compile_s"] > 0 and r["step_s"] > 0 and r["images_per_s"] > 0, r
+        assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+    assert timing["dtype"] in ("float32", "bfloat16") and timing["pipeline"]["batches_per_s"] > 0
+    assert timing["input_workers"] == 0  # threads outpace a CPU step: no worker processes
+    assert timing["train"]["step"] == 4 and timing["train"]["every"] == 1  # smoke: 4 steps
+    assert timing["elapsed_s"] <= 900
+
+    run = json.loads((out / "candidates.json").read_text())
+    cands = run["candidates"]
+    assert [c["step"] for c in cands] == [1, 2, 3, 4] and len(files) == 8
+    assert run["config"]["stage"] == "student" and run["config"]["model"]["remat"] is False
+    for c in cands:
+        params, cfg, meta = checkpoint.load_params(out / c["file"])
+        assert cfg.dtype == "float32" and meta["trained_dtype"] == timing["dtype"]
+        assert checkpoint.file_sha256(out / c["file"]) == c["sha256"]
+    speed = json.loads((out / "speed.json").read_text())
+    steps = [r for r in speed if r.get("kind") == "train_step"]
+    forwards = [r for r in speed if r not in steps]
+    assert {r["dtype"] for r in steps} == {"float32", "bfloat16"}  # the probe's
+    assert [(r["model"], r["dtype"]) for r in forwards] == [("student", "float32")]  # smoke grid
+    assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in forwards + steps)
+
+    # the last candidate fuses a pair through the CLI, at the pair's size
+    pair = tmp_path / "pair"
+    for sub in ("vi", "ir"):
+        (pair / sub).mkdir(parents=True)
+        (pair / sub / "p07.png").write_bytes(
+            (carry / "data/msrs/train" / sub / "p07.png").read_bytes()
+        )
+    weights = out / cands[-1]["file"]
+    args = ["--vis", pair / "vi", "--ir", pair / "ir", "--out", tmp_path / "fused"]
+    assert fuse.main([str(a) for a in args] + ["--weights", str(weights)]) == 0
+    assert read_image(tmp_path / "fused" / "p07.png", "RGB").shape == (64, 80, 3)
+
+    # the ship rule on a stand-in for the selection data (one msrs/train frame held back, one
+    # RoadScene pair after the first 40), the first candidate standing for the shipped file
+    sel, root = _script("select_student"), tmp_path / "sel"
+    _write_msrs_like(root, n=2)
+    _write_msrs_like(root, n=41, split="roadscene")
+    shipped = tmp_path / "weights" / "student_ivf.msgpack"
+    shipped.parent.mkdir()
+    monkeypatch.setattr(sel, "SHIPPED", shipped)
+    rule = sel.decide  # tested on its own below; forced to ship here, to test --ship
+    monkeypatch.setattr(sel, "decide", lambda *a: {**rule(*a), "ships": True})
+    files = [str(out / c["file"]) for c in cands]
+    argv = ["--candidates", *files[2:], "--shipped", files[0], "--data", str(root)]
+    assert sel.main([*argv, "--out", str(tmp_path / "selection"), "--ship"]) == 0
+    verdict = json.loads((tmp_path / "selection" / "decision.json").read_text())
+    assert verdict["winner"] in ("student_s00003", "student_s00004")
+    assert set(verdict["bars"]) == {"shipped", "vis"} and verdict["ships"]
+    record = json.loads(shipped.with_suffix(".json").read_text())
+    winner = out / f"{verdict['winner']}.msgpack"
+    assert record["sha256"] == checkpoint.file_sha256(shipped) == checkpoint.file_sha256(winner)
+    assert record["file"] == "student_ivf.msgpack" and record["step"] in (3, 4)
+    assert record["selection"]["score"] == verdict["score"]
+    rows = (tmp_path / "selection" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 5  # 2 pairs x (vis, max, shipped, 2 candidates)
+    table = (tmp_path / "selection" / "selection.md").read_text()
+    assert "| vis | " in table and "| max | " in table and "(1 pairs)" in table
+
+
+def test_dtype_pick_candidate_steps_and_ship_verdict():
+    dt = _script("device_train")
+    fp = {"step_s": 0.10, "losses": [9.0, 8.0, 7.0, 6.0]}
+    faster = {"step_s": 0.05, "losses": [9, 8, 7, 6]}
+    assert dt.pick_dtype({"float32": fp, "bfloat16": faster})[0] == "bfloat16"
+    slower = {"step_s": 0.095, "losses": [9, 8, 7, 6]}  # under 10 % faster: not worth it
+    assert dt.pick_dtype({"float32": fp, "bfloat16": slower})[0] == "float32"
+    worse = {"step_s": 0.05, "losses": [9, 8, 7.5, 6.5]}  # trains worse: 7.0 vs 6.5 mean
+    assert dt.pick_dtype({"float32": fp, "bfloat16": worse})[0] == "float32"
+    assert dt.pick_dtype({"bfloat16": worse}) == ("bfloat16", "forced (--dtype)")
+    # the final step, and before it the latest periodic ones at least half an interval earlier
+    assert dt.candidate_steps([250, 500, 750, 1000, 1200], 250, 4) == [500, 750, 1000, 1200]
+    assert dt.candidate_steps([250, 500, 750, 1000, 1040], 250, 4) == [250, 500, 750, 1040]
+    assert dt.candidate_steps([250, 500, 600], 250, 4) == [250, 600]
+    assert dt.candidate_steps([90], 250, 4) == [90]
+    assert dt.candidate_steps([250, 500], 250, 1) == [500]
+
+    sel = _script("select_student")
+    scores = {"vis": 7.0, "max": 4.0, "shipped": 7.1, "a": 6.9, "b": 7.05}
+    assert sel.decide(scores, ["a", "b"]) == {
+        "winner": "a",
+        "score": 6.9,
+        "bars": {"shipped": 7.1, "vis": 7.0},
+        "ships": True,
+    }
+    assert not sel.decide(scores | {"a": 7.02}, ["a", "b"])["ships"]  # above vis: not shipped
+    assert not sel.decide(scores | {"shipped": 6.5}, ["a", "b"])["ships"]  # above the shipped
+
+
+def test_ship_rule_selection_sets(shared_data):
+    sets = _script("select_student").selection_sets(shared_data)
+    msrs, road = sets.values()
+    assert [p.name for p in msrs] == ["00881N", "01023N"]  # msrs/train's held-back frames
+    assert len(road) == 181 and (road[0].name, road[-1].name) == ("FLIR_04354", "FLIR_video_04215")
+
+
+def test_init_is_one_program_at_any_compute_dtype():
+    # The probe compiles init once for both dtypes and the run gets it from the cache.
+    from dtpf_jax import config_lib, train
+
+    cfg = config_lib.load_config_file(REPO / "configs" / "distill.py", "nodistill,gpu,smoke")
+    programs = []
+    for dtype in ("float32", "bfloat16"):
+        cfg.model.dtype = dtype
+        programs.append(str(jax.make_jaxpr(train.make_init(cfg))(jax.random.key(0))))
+    assert programs[0] == programs[1]
+    assert cfg.model.remat is False and cfg.batch_size == 4  # gpu's settings, smoke's sizes

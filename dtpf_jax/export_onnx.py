@@ -68,7 +68,8 @@ class Graph:
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs):
         names = [self._name(op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(self._helper.make_node(op_type, list(inputs), names, **attrs))
+        node = self._helper.make_node(op_type, list(inputs), names, name=names[0], **attrs)
+        self.nodes.append(node)
         return names[0] if outputs == 1 else names
 
     def dim(self, x: str, axis: int) -> str:
@@ -198,21 +199,25 @@ class StudentGraph:
         kv = g.reshape(g.op("Transpose", kv, perm=[0, 2, 4, 1, 3, 5]), 0, 0, 0, 2, heads, dh, -1)
         k, v = g.op("Split", kv, outputs=2, axis=3)  # (N, nh, nw, 1, heads, d, 144) each
         k, v = g.reshape(k, 0, 0, 0, heads, dh, -1), g.reshape(v, 0, 0, 0, heads, dh, -1)
-        logits = g.op("MatMul", g.reshape(q, 0, 0, 0, heads, ws * ws, dh), k)
-        # Relative position: q(x, y) . rel_height[i - x + ows - 1] over key rows i, and
-        # . rel_width[j - y + ows - 1] over key columns j: tables expanded per x (per y).
-        tab = np.arange(ows)[None, :] - np.arange(ws)[:, None] + ows - 1  # (x, i)
-        th = np.asarray(p["rel_height"], np.float32)[tab].transpose(0, 2, 1)  # (x, d, i)
-        tw = np.asarray(p["rel_width"], np.float32)[tab].transpose(0, 2, 1)  # (y, d, j)
-        lh = g.op("MatMul", q, g.const(th))  # (N, nh, nw, heads, x, y, i)
-        qt = g.op("Transpose", q, perm=[0, 1, 2, 3, 5, 4, 6])  # (..., y, x, d)
-        lw = g.op("Transpose", g.op("MatMul", qt, g.const(tw)), perm=[0, 1, 2, 3, 5, 4, 6])
+        q6 = g.reshape(q, 0, 0, 0, heads, ws * ws, dh)
+        logits = g.op("MatMul", q6, k)
+        # Relative position: q(x, y) . rel_height[i - x + ows - 1] over key rows i and
+        # q(x, y) . rel_width[j - y + ows - 1] over key columns j: the products with both
+        # whole tables, then the entries each query needs, by one constant-index gather each.
+        tables = np.concatenate([p["rel_height"], p["rel_width"]]).astype(np.float32)
+        n = tables.shape[0] // 2  # 2 ows - 1 rows per table
+        prod = g.reshape(g.op("MatMul", q6, g.const(tables.T)), 0, 0, 0, 0, -1)
+        x, y = np.divmod(np.arange(ws * ws), ws)  # query (x, y), row-major
+        base = (np.arange(ws * ws) * 2 * n)[:, None] + np.arange(ows)[None, :] + ows - 1
+        lh = g.op("Gather", prod, g.ints(*(base - x[:, None]).ravel()), axis=4)
+        lw = g.op("Gather", prod, g.ints(*(base + n - y[:, None]).ravel()), axis=4)
+        lh, lw = (g.reshape(t, 0, 0, 0, 0, ws * ws, ows) for t in (lh, lw))
         rel = g.op(
             "Add",
-            g.op("Unsqueeze", lh, g.ints(-1)),  # (..., x, y, i, 1)
-            g.op("Unsqueeze", lw, g.ints(-2)),  # (..., x, y, 1, j)
+            g.op("Unsqueeze", lh, g.ints(-1)),  # (..., query, i, 1)
+            g.op("Unsqueeze", lw, g.ints(-2)),  # (..., query, 1, j)
         )
-        logits = g.op("Add", logits, g.reshape(rel, 0, 0, 0, 0, ws * ws, ows * ows))
+        logits = g.op("Add", logits, g.reshape(rel, 0, 0, 0, 0, ws * ws, -1))
         attn = g.op("Softmax", logits, axis=-1)
         out = g.op("MatMul", attn, g.op("Transpose", v, perm=[0, 1, 2, 3, 5, 4]))
         # (N, nh, nw, heads, 8x * 8y, d) -> (N, heads * d, H, W)

@@ -13,7 +13,9 @@ time (trace + lower + compile, no persistent cache), median latency of --runs ca
 --warmup calls (per batch; a config stops early after --budget seconds of timed calls), XLA's
 planned memory (arguments + temporaries + outputs) and the measured peak (CPU: the process's
 RSS high-water mark, reset per config; GPU: the allocator's peak so far). Then images/s of
-the fuse CLI's loop (read, fuse, write PNG) on a folder, and a table like the paper's
+the fuse CLI's loop (read, fuse, write PNG) on a folder, the student's exported ONNX graph
+(`dtpf_jax.export_onnx`) under onnxruntime (CPU, --ort-threads, same process, same weights and
+inputs as the JAX row before it; batch 1, fp32), and a table like the paper's
 Table VII with the official PyTorch CPU latencies from DESIGN §11 (torch 2.13, 2 threads,
 batch 1, fp32) and the student/teacher latency ratio. Weights are random: speed does not
 depend on them. No CLIP runs: the teacher gets a random 512-d text embedding.
@@ -34,6 +36,7 @@ blocks, for rehearsals of a GPU command on a CPU.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -169,6 +172,53 @@ def bench_one(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
     }
 
 
+def bench_onnxruntime(h: int, w: int, args) -> dict:
+    """Median latency of the student's ONNX graph in onnxruntime, on bench_one's weights and
+    inputs (batch 1), padded as bench_one pads them; "compile" = session creation."""
+    import onnxruntime as ort
+
+    from dtpf_jax import export_onnx
+
+    cfg = networks.model_config("student")
+    params = infer.random_params(cfg)
+    rng = np.random.default_rng(0)
+    vis, ir = rng.random((1, h, w, 3), np.float32), rng.random((1, h, w, 1), np.float32)
+    hp, wp = infer.bucket_size(h, args.buckets), infer.bucket_size(w, args.buckets)
+    pad = lambda x: np.pad(x, ((0, 0), (0, 0), (0, hp - h), (0, wp - w)), mode="reflect")
+    feed = {"vis": pad(vis.transpose(0, 3, 1, 2)), "ir": pad(ir.transpose(0, 3, 1, 2))}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = args.ort_threads, 1
+    t0 = time.perf_counter()
+    sess = ort.InferenceSession(
+        export_onnx.student_onnx(params, cfg).SerializeToString(),
+        opts,
+        providers=["CPUExecutionProvider"],
+    )
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        sess.run(None, feed)
+    times, spent = [], 0.0
+    while len(times) < args.runs and (not times or spent < args.budget):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+        spent += times[-1]
+    return {
+        "model": "student (onnxruntime)",
+        "height": h,
+        "width": w,
+        "batch": 1,
+        "dtype": "float32",
+        "compile_s": round(compile_s, 3),
+        "median_ms": round(1000 * statistics.median(times), 2),
+        "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        "gflops": None,
+        "runs": len(times),
+        "padded": f"{hp}x{wp}",
+        "ort_threads": args.ort_threads,
+    }
+
+
 def bench_cli(n: int, h: int, w: int, folder: str | None) -> dict:
     """Images/s of the fuse CLI's loop (read, fuse, write) with the default student."""
     from dtpf_jax import demo, fuse
@@ -227,7 +277,7 @@ def table(records: list[dict], cpu: bool = True) -> str:
     """Table VII-style text: ours beside the official PyTorch CPU figures, then the ratios."""
     cols = ("model", "input", "batch", "dtype", "params", "GFLOPs", "compile s", "median ms")
     cols += ("ms/img", "XLA MB", "peak MB", "torch ms", "speed-up")
-    widths = (19, 9, 6, 6, 8, 8, 10, 10, 9, 8, 8, 10, 9)
+    widths = (22, 9, 6, 6, 8, 8, 10, 10, 9, 8, 8, 10, 9)
     fmt = lambda cells: "".join(
         f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
         for i, (c, w) in enumerate(zip(cells, widths, strict=True))
@@ -280,6 +330,9 @@ def table(records: list[dict], cpu: bool = True) -> str:
         "GFLOPs: XLA cost analysis of the whole forward in one piece (elementwise ops and "
         "padding included); "
         "DESIGN §2 counts conv/matmul only: student 16.3, teacher 110.5 at 128x128",
+        "student (onnxruntime): the student's ONNX graph (dtpf_jax.export_onnx) in "
+        "onnxruntime, CPU, --ort-threads intra-op threads, the JAX row's weights and inputs; "
+        "compile s: session creation",
         "XLA MB: planned arguments + temporaries + outputs; peak MB: "
         + ("process RSS high-water mark" if cpu else "allocator peak so far in this process"),
     ]
@@ -315,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the shape bucket each size is padded to, as fuse --buckets (fine: what fuse "
         "picks for a folder of one size; coarse: 480x640 runs at 512x640)",
     )
+    p.add_argument(
+        "--ort-threads",
+        type=int,
+        default=2,
+        help="onnxruntime threads for the student's batch-1 fp32 ONNX rows (0: no such rows)",
+    )
     p.add_argument("--cli-images", type=int, default=8, help="0: skip the CLI figure")
     p.add_argument("--cli-size", default="480x640", help="synthetic CLI image size HxW")
     p.add_argument("--cli-folder", help="a split folder with vi/ and ir/ instead (e.g. msrs/test)")
@@ -344,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     except AttributeError:
         jax.config.update("jax_compilation_cache_dir", None)
     print(header(), flush=True)
+    ort_rows = args.ort_threads > 0 and jax.devices()[0].platform == "cpu" and not args.tiny
+    if ort_rows and importlib.util.find_spec("onnxruntime") is None:
+        print('onnxruntime rows skipped: pip install "dtpf-jax[onnx]"')
+        ort_rows = False
     records, t0 = [], time.perf_counter()
     env = os.environ.get("GLIBC_TUNABLES") or "default"
     device = jax.devices()[0].device_kind
@@ -366,6 +429,15 @@ def main(argv: list[str] | None = None) -> int:
         rec.update(device=device, glibc_tunables=env, tiny=args.tiny)
         print(json.dumps(rec), flush=True)
         records.append(rec)
+        if kind == "student" and batch == 1 and dtype == "float32" and ort_rows:
+            try:
+                rec = bench_onnxruntime(h, w, args)
+            except Exception as e:
+                rec = {"model": "student (onnxruntime)", "height": h, "width": w, "batch": 1}
+                rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rec.update(device=device, glibc_tunables=env)
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
         if args.json:  # after each: a run cut short keeps what it measured
             write_json(args.json, records)
     if args.cli_images:

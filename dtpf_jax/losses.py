@@ -156,8 +156,8 @@ def fusion_loss(
     intensity_l2 > 0 adds intensity_l2 · mean((fused - intensity_target)²), metric
     'intensity_l2': not an official term. The official L1 terms pull with a constant-size
     gradient whatever the error, and from a student that outputs the visible image they barely
-    bring the infrared in (RESULTS.md, "why the intensity term"); the squared error pulls in
-    proportion to the missing infrared. Off by default.
+    bring the infrared in (docs/experiments.md, "The intensity-term study"); the squared error
+    pulls in proportion to the missing infrared. Off by default.
     """
     terms = fusion_terms(fused, vis, ir)
     weighted = terms * jnp.broadcast_to(jnp.asarray(weights, jnp.float32), terms.shape)

@@ -9,8 +9,8 @@ Everything before the head is frozen, so its output (the last decoder block's, t
 input) is computed once per training frame, at full size, and kept in memory as float16;
 each step then runs the head alone on random crops of those features. On the 2-core CPU this
 is about 4x cheaper per crop than a whole-network step, which is what makes several hundred
-steps affordable there (RESULTS.md, "the head fine-tune"). Crops are not flipped: features
-of a flipped frame are not the flipped features.
+steps affordable there (RESULTS.md, the budget table's head fine-tune row). Crops are not
+flipped: features of a flipped frame are not the flipped features.
 
 --part level1 trains the whole full-resolution level instead: feature_fusion_1, the
 decoder_level1 blocks and the head, on cached up2_1 output and level-1 outputs of both

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, tiny_model_config
 from PIL import Image
 
-from dtpf_jax import checkpoint, demo, fuse, infer
+from dtpf_jax import checkpoint, demo, fuse, infer, plan
 
 H, W = 40, 52  # bucket 64x64: one compile for every case below
 
@@ -277,17 +277,17 @@ def test_untrained_default_student_says_so(monkeypatch, caplog):
 def test_medical_folder_with_the_ivf_student_gets_a_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(infer, "WEIGHTS_DIR", tmp_path / "weights")
     jobs = lambda folder: [
-        fuse.Job("a", tmp_path / folder / "a.png", tmp_path / "mri" / "a.png", tmp_path)
+        plan.Job("a", tmp_path / folder / "a.png", tmp_path / "mri" / "a.png", tmp_path)
     ]
-    assert fuse.medical_hint(jobs("PET"), "student") is None  # its student does not ship here
+    assert plan.medical_hint(jobs("PET"), "student") is None  # its student does not ship here
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "student_pet_mri.msgpack").touch()
-    hint = fuse.medical_hint(jobs("PET"), "student")
+    hint = plan.medical_hint(jobs("PET"), "student")
     assert hint and "--weights student_pet_mri" in hint and str(tmp_path / "PET") in hint
-    assert fuse.medical_hint(jobs("PET"), "student_pet_mri") is None  # already the right one
-    assert fuse.medical_hint(jobs("PET"), "my.msgpack") is None  # the user's own file
-    assert fuse.medical_hint(jobs("vi"), "student") is None
-    assert fuse.medical_hint(jobs("spect"), "student") is None  # SPECT's file is absent
+    assert plan.medical_hint(jobs("PET"), "student_pet_mri") is None  # already the right one
+    assert plan.medical_hint(jobs("PET"), "my.msgpack") is None  # the user's own file
+    assert plan.medical_hint(jobs("vi"), "student") is None
+    assert plan.medical_hint(jobs("spect"), "student") is None  # SPECT's file is absent
 
 
 def _run(args, cwd, **env):

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import pytest
 from conftest import REPO, tiny_model_config
 from PIL import Image
 
-from dtpf_jax import checkpoint, demo, fuse, infer, plan
+from dtpf_jax import checkpoint, demo, fuse, infer, metrics, plan
+from dtpf_jax.images import read_image
 
 H, W = 40, 52  # bucket 64x64: one compile for every case below
 
@@ -309,7 +311,8 @@ def test_bad_input_in_a_fresh_process_is_one_line(tmp_path):
 
 
 def test_no_arguments_runs_the_builtin_demo(tmp_path):
-    """The README's main command on a fresh folder: demo pair, fused PNG and an HTML page."""
+    """The README's main command on a fresh folder: demo pair, fused PNG and an HTML page that
+    say what was done, with max(vis, ir) beside the fused image and the scores of both."""
     r = _run([], tmp_path, DTPF_JAX_CACHE=str(REPO / ".cache" / "jax"))
     assert r.returncode == 0, r.stderr
     shipped = (infer.WEIGHTS_DIR / infer.DEFAULT_STUDENT).is_file()
@@ -317,7 +320,19 @@ def test_no_arguments_runs_the_builtin_demo(tmp_path):
     folder = tmp_path / fuse.DEMO_DIR
     with Image.open(folder / "fused" / "street.png") as img:
         assert img.mode == "RGB" and img.size == demo.DEMO_SIZE[::-1]
-    assert (folder / "index.html").read_text().count("data:image/png;base64") == 3
+    page = (folder / "index.html").read_text()
+    assert page.count("data:image/png;base64") == 4  # vis | ir | max(vis, ir) | fused
+    title = page.split("<title>")[1].split("</title>")[0]
+    assert title == "DTPF demo" and str(tmp_path) not in page and "<p></p>" not in page
+    what = "built-in synthetic pair" and ("the shipped student" if shipped else "untrained")
+    assert what in page and what in r.stdout
+    # The scores printed and shown are those of the files written.
+    vis, ir = (read_image(folder / d / "street.png", m) for d, m in (("vis", "RGB"), ("ir", "L")))
+    fused = read_image(folder / "fused" / "street.png", "RGB")
+    for key, img in (("fused", fused), ("max(vis, ir)", np.maximum(vis, ir[..., None]))):
+        s = metrics.evaluate_pair(img, vis, ir, "clean", ("VIF", "Qabf", "IRT"))
+        line = f"VIF {s['VIF']:.3f}  Qabf {s['Qabf']:.3f}  IRT {s['IRT']:.3f}"
+        assert re.search(rf"{re.escape(key)} +{line}", r.stdout) and line in page, r.stdout
     assert "done: 1 image in" in r.stdout and str(folder / "fused") in r.stdout
     assert "images/s" not in r.stdout.splitlines()[-1]  # no rate after compile from one image
 

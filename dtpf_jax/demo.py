@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dtpf_jax.images import read_image, to_uint8, write_png_atomic
+from dtpf_jax.images import read_image, thumbnail_uri, to_uint8, write_png_atomic
 
 DEMO_SIZE = (192, 256)
 HTML_IMAGES = 50
@@ -111,8 +111,6 @@ def page_html(
     """A self-contained vis | ir | fused page of (at most HTML_IMAGES) jobs, a paragraph per
     note; with `compared` (one `compare` result per job), max(vis, ir) beside the fused image
     and the scores under both."""
-    from dtpf_jax.evaluate import thumbnail_uri
-
     e = html.escape
     rows = []
     for k, j in enumerate(jobs[:HTML_IMAGES]):

@@ -1,8 +1,9 @@
 """Image files: finding and pairing them by name, decoding, checked and atomic writes (8- and
-16-bit PNG); DataError."""
+16-bit PNG), the reports' thumbnails; DataError."""
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import os
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+THUMB_SIDE = 192  # the reports' thumbnails fit THUMB_SIDE x THUMB_SIDE
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -218,6 +220,21 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def to_uint16(image: np.ndarray) -> np.ndarray:
     """float in [0, 1] -> uint16 with rounding (clipped)."""
     return np.clip(np.round(np.asarray(image, np.float64) * 65535.0), 0, 65535).astype(np.uint16)
+
+
+def thumbnail(img: np.ndarray, side: int = THUMB_SIDE) -> Image.Image:
+    """`img` shrunk to fit side x side (never enlarged), as the reports show it."""
+    thumb = Image.fromarray(img)
+    thumb.thumbnail((side, side))
+    return thumb
+
+
+def thumbnail_uri(img: np.ndarray, side: int = THUMB_SIDE) -> str:
+    """A PNG data URI of `thumbnail(img, side)`."""
+    thumb = thumbnail(img, side)
+    buf = io.BytesIO()
+    thumb.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def refuse_shared(out: str | os.PathLike, flag: str = "--out") -> None:

@@ -344,11 +344,12 @@ def fuse_main(args) -> int:
     )
     if args.html:
         _write_page(args, jobs, model)
-    print(
-        f"compile: {_count(stats.compiles, 'new shape')}"
-        + (f", {stats.cached} from the compile cache" if stats.cached else "")
-        + f" ({buckets} buckets), {stats.compile_s:.1f} s, not counted in images/s"
-    )
+    if stats.images:
+        print(
+            f"compile: {_count(stats.compiles, 'new shape')}"
+            + (f", {stats.cached} from the compile cache" if stats.cached else "")
+            + f" ({buckets} buckets), {stats.compile_s:.1f} s, not counted in images/s"
+        )
     # A rate after compile exists only when some image ran on an already built program.
     ips = (
         f", {stats.images_per_s:.2f} images/s after compile"

@@ -65,7 +65,7 @@ def plan_jobs(
             raise DataError(
                 f"{out}: is an input folder; pass another --out (inputs are never written)"
             )
-        if recursive and res.is_relative_to(folder):
+        if recursive and v.is_dir() and res.is_relative_to(folder):
             raise DataError(
                 f"{out}: is inside the input folder {folder}; with --recursive its outputs "
                 "would be read as inputs next time; pass an --out outside it"

@@ -157,6 +157,11 @@ def case_out_is_an_input(root):
     return ["--out", str(root / "vis")], 2, "is an input folder"
 
 
+def case_recursive_out_in_an_input(root):
+    _good(root)
+    return ["--recursive", "--out", str(root / "vis" / "fused")], 2, "inside the input folder"
+
+
 def case_no_teacher_ships(root):
     _good(root)
     return ["--weights", "teacher"], 2, "no teacher weights ship"

@@ -49,16 +49,6 @@ def plan_jobs(
     for p, flag in ((v, "--vis"), (i, "--ir")):
         if not p.exists():
             raise DataError(f"{p}: no such file or folder; check {flag}")
-    if v.is_file() and i.is_file():
-        pairs = [(v.stem, (v, i))]
-    elif v.is_dir() and i.is_dir():
-        pairs, missing = pair_files([v, i], ("vis", "ir"), recursive)
-        if missing and skipped is None:
-            pair_by_name([v, i], ("vis", "ir"), recursive)  # raises, naming the unmatched
-        for n, where in missing.items():
-            skipped.append((n, "missing in " + ", ".join(where)))
-    else:
-        raise DataError(f"{v}, {i}: --vis and --ir must both be files or both be folders")
     res = out.resolve()
     for folder in {p.resolve() if p.is_dir() else p.resolve().parent for p in (v, i)}:
         if res == folder:
@@ -70,6 +60,16 @@ def plan_jobs(
                 f"{out}: is inside the input folder {folder}; with --recursive its outputs "
                 "would be read as inputs next time; pass an --out outside it"
             )
+    if v.is_file() and i.is_file():
+        pairs = [(v.stem, (v, i))]
+    elif v.is_dir() and i.is_dir():
+        pairs, missing = pair_files([v, i], ("vis", "ir"), recursive)
+        if missing and skipped is None:
+            pair_by_name([v, i], ("vis", "ir"), recursive)  # raises, naming the unmatched
+        for n, where in missing.items():
+            skipped.append((n, "missing in " + ", ".join(where)))
+    else:
+        raise DataError(f"{v}, {i}: --vis and --ir must both be files or both be folders")
     return [Job(n, a, b, out / f"{n}.png") for n, (a, b) in pairs]
 
 

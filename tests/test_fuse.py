@@ -442,7 +442,7 @@ def test_compile_summary_counts_cache_loads_and_build_time_only(
     tmp_path, weights, tiny_student, capsys
 ):
     """A program loaded from the persistent cache is not a new shape, and in tiles mode only
-    building the program counts as compile time, not the image's run (slowed here by 1 s)."""
+    building the program counts as compile time, not the image's run (slowed here by 0.5 s)."""
     import re
 
     import jax
@@ -457,7 +457,7 @@ def test_compile_summary_counts_cache_loads_and_build_time_only(
 
     def slow_fuse_one(*a, **k):
         out = real_fuse_one(*a, **k)
-        time.sleep(1.0)
+        time.sleep(0.5)
         return out
 
     model = infer.Model(tiny_student[1], tiny_student[0], "tiny student")
@@ -474,4 +474,4 @@ def test_compile_summary_counts_cache_loads_and_build_time_only(
     assert out[-2].startswith("compile: 0 new shapes, 1 from the compile cache"), out
     build = float(re.search(r"buckets\), ([\d.]+) s", out[-2]).group(1))
     total = float(re.search(r"in ([\d.]+) s", out[-1]).group(1))
-    assert total - build >= 1.0, out
+    assert total - build >= 0.5, out

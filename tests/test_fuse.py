@@ -474,4 +474,4 @@ def test_compile_summary_counts_cache_loads_and_build_time_only(
     assert out[-2].startswith("compile: 0 new shapes, 1 from the compile cache"), out
     build = float(re.search(r"buckets\), ([\d.]+) s", out[-2]).group(1))
     total = float(re.search(r"in ([\d.]+) s", out[-1]).group(1))
-    assert total - build >= 0.5, out
+    assert total - build >= 0.4, out  # the 0.5 s, less the rounding to 0.1 s

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dtpf_jax.images import read_image, to_uint8, write_png_atomic
+from dtpf_jax.images import read_image, thumbnail_uri, to_uint8, write_png_atomic
 
 DEMO_SIZE = (192, 256)
 HTML_IMAGES = 50
@@ -64,25 +64,82 @@ def make_pair(
     return to_uint8(vis), to_uint8(ir)
 
 
-def page_html(jobs: Sequence, title: str, note: str = "") -> str:
-    """A self-contained vis | ir | fused page of (at most HTML_IMAGES) jobs."""
-    from dtpf_jax.evaluate import thumbnail_uri
+COMPARE_KEYS = ("VIF", "Qabf", "IRT")
+MAX_RULE = "max(vis, ir)"
+SCORES_NOTE = (
+    f"{MAX_RULE}: each pixel's channel-wise maximum of the visible image and the infrared, the "
+    "simplest fusion rule, for comparison. Under each image, from dtpf_jax.metrics (convention "
+    "clean): VIF and Qabf, how much of the sources' information and edges it keeps (higher is "
+    "better); IRT (infrared transfer), the share of the infrared's excess brightness over the "
+    "visible image that it brings in (0: none, as the visible image; 1: all, as max(vis, ir))."
+)
 
-    rows = []
-    for j in jobs[:HTML_IMAGES]:
-        cells = [
-            thumbnail_uri(read_image(p, m), 320)
-            for p, m in ((j.vis, "RGB"), (j.ir, "L"), (j.out, "RGB"))
-        ]
-        imgs = "".join(f"<td><img src='{u}'></td>" for u in cells)
-        rows.append(f"<tr><td>{html.escape(j.name)}</td>{imgs}</tr>")
-    more = f"<p>first {HTML_IMAGES} of {len(jobs)} pairs</p>" if len(jobs) > HTML_IMAGES else ""
+
+def describe(label: str) -> str:
+    """What the demo did, in one sentence, for the terminal and the page."""
+    h, w = DEMO_SIZE
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"the built-in synthetic pair (a {w}x{h} night street drawn by dtpf_jax/demo.py: a "
+        "visible image with a dark alley, an infrared one with warm people and a car) fused "
+        f"by {label}"
+    )
+
+
+def compare(job) -> dict:
+    """{'max(vis, ir)': Scores, 'fused': Scores} of COMPARE_KEYS for one job's images."""
+    from dtpf_jax import metrics
+
+    vis, ir = read_image(job.vis, "RGB"), read_image(job.ir, "L")
+    images = {MAX_RULE: np.maximum(vis, ir[..., None]), "fused": read_image(job.out, "RGB")}
+    return {k: metrics.evaluate_pair(f, vis, ir, "clean", COMPARE_KEYS) for k, f in images.items()}
+
+
+def score_line(scores) -> str:
+    """'VIF 0.612  Qabf 0.533  IRT 0.810'."""
+    return "  ".join(f"{k} {scores[k]:.3f}" for k in COMPARE_KEYS)
+
+
+def score_table(compared: dict) -> str:
+    """The `compare` scores as aligned lines, one per image."""
+    width = max(map(len, compared))
+    return "\n".join(f"  {k.ljust(width)}  {score_line(s)}" for k, s in compared.items())
+
+
+def page_html(
+    jobs: Sequence, title: str, notes: Sequence[str] = (), compared: Sequence | None = None
+) -> str:
+    """A self-contained vis | ir | fused page of (at most HTML_IMAGES) jobs, a paragraph per
+    note; with `compared` (one `compare` result per job), max(vis, ir) beside the fused image
+    and the scores under both."""
+    e = html.escape
+    rows = []
+    for k, j in enumerate(jobs[:HTML_IMAGES]):
+        vis, ir = read_image(j.vis, "RGB"), read_image(j.ir, "L")
+        cells = [(vis, ""), (ir, "")]
+        if compared:
+            cells.append((np.maximum(vis, ir[..., None]), score_line(compared[k][MAX_RULE])))
+        cells.append(
+            (read_image(j.out, "RGB"), score_line(compared[k]["fused"]) if compared else "")
+        )
+        tds = "".join(
+            f"<td><img src='{thumbnail_uri(img, 320)}'>"
+            + (f"<br>{e(text)}" if text else "")
+            + "</td>"
+            for img, text in cells
+        )
+        rows.append(f"<tr><td>{e(j.name)}</td>{tds}</tr>")
+    if len(jobs) > HTML_IMAGES:
+        notes = [*notes, f"first {HTML_IMAGES} of {len(jobs)} pairs"]
+    heads = ["name", "visible / A", "infrared / B", *([MAX_RULE] if compared else []), "fused"]
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
         "<style>body{font-family:sans-serif;margin:1.5em}td{padding:4px;vertical-align:top}"
-        ".note{color:#a40}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p class='note'>{html.escape(note)}</p>{more}"
-        "<table><tr><th>name</th><th>visible / A</th><th>infrared / B</th><th>fused</th></tr>"
+        "</style></head><body>"
+        f"<h1>{e(title)}</h1>"
+        + "".join(f"<p>{e(n)}</p>" for n in notes if n)
+        + "<table><tr>"
+        + "".join(f"<th>{e(h)}</th>" for h in heads)
+        + "</tr>"
         + "\n".join(rows)
         + "</table></body></html>\n"
     )

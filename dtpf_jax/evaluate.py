@@ -10,7 +10,6 @@ The library entry point is `evaluate_folders`; `format_table`, `write_csv`, `wri
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
 import dataclasses
 import html
@@ -26,9 +25,19 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from dtpf_jax import metrics
-from dtpf_jax.images import DataError, atomic_write, pair_by_name, read_image, write_png_atomic
+from dtpf_jax.images import (
+    DataError,
+    atomic_write,
+    check_output_file,
+    image_files,
+    pair_by_name,
+    pair_files,
+    read_image,
+    thumbnail,
+    thumbnail_uri,
+    write_png_atomic,
+)
 
-THUMB_SIDE = 192
 FORMATS = {"Nabf": ".6f", "MSE": ".6f", "SD": ".3f", "SF": ".3f", "AG": ".3f", "PSNR": ".3f"}
 
 
@@ -41,6 +50,7 @@ class Evaluation:
     pairs: list[tuple[str, pathlib.Path, pathlib.Path]]  # (name, vis path, ir path)
     fused: dict[str, list[pathlib.Path]]  # method -> one path per pair
     scores: dict[str, list[metrics.Scores]]  # method -> one Scores per pair
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, reason)
 
     def means(self) -> dict[str, metrics.Scores]:
         """Method -> mean of each metric over the images (NaN entries skipped)."""
@@ -71,12 +81,14 @@ def evaluate_folders(
     convention: str = "clean",
     names: Sequence[str] | None = None,
     progress: bool = False,
+    keep_going: bool = False,
 ) -> Evaluation:
     """Pair every fused folder with the sources by basename and score each image: `names`,
     by default every metric and the diagnostic IRT (metrics.METRICS + metrics.DIAGNOSTICS).
 
     Raises DataError (one line, naming the files) for missing folders, unmatched names,
-    unreadable images or sizes that differ.
+    unreadable images or sizes that differ; with `keep_going`, such a pair is left out of every
+    method's scores and listed in `skipped` instead (DataError only when none is left).
     """
     if convention not in metrics.CONVENTIONS:
         raise DataError(f"unknown convention {convention!r}; use one of {metrics.CONVENTIONS}")
@@ -86,14 +98,11 @@ def evaluate_folders(
     methods = method_names(fused_dirs)
     names = metrics.METRICS + metrics.DIAGNOSTICS if names is None else tuple(names)
     roles = ["--vis", "--ir"] + [f"--fused {m}" for m in methods]
-    pairs = pair_by_name([vis, ir, *fused_dirs], roles)
-    ev = Evaluation(
-        convention,
-        methods,
-        [(n, p[0], p[1]) for n, p in pairs],
-        {m: [p[2 + i] for _, p in pairs] for i, m in enumerate(methods)},
-        {m: [] for m in methods},
-    )
+    pairs, missing = pair_files([vis, ir, *fused_dirs], roles)
+    if missing and not keep_going:
+        pair_by_name([vis, ir, *fused_dirs], roles)  # raises, naming the unmatched
+    ev = Evaluation(convention, methods, [], {m: [] for m in methods}, {m: [] for m in methods})
+    ev.skipped = [(n, "missing in " + ", ".join(where)) for n, where in missing.items()]
     bar = tqdm(
         total=len(pairs) * len(methods),
         desc=f"metrics ({convention})",
@@ -102,17 +111,33 @@ def evaluate_folders(
         file=sys.stderr,
     )
     with bar:
-        for k, (_, vis_path, ir_path) in enumerate(ev.pairs):
-            vis_img, ir_img = read_image(vis_path, "RGB"), read_image(ir_path, "L")
-            _check_size(ir_path, ir_img, vis_path, vis_img)
-            for m in methods:
-                path = ev.fused[m][k]
-                fused_img = read_image(path, "RGB")
-                _check_size(path, fused_img, vis_path, vis_img)
-                ev.scores[m].append(
-                    metrics.evaluate_pair(fused_img, vis_img, ir_img, convention, names)
-                )
-                bar.update()
+        for name, (vis_path, ir_path, *fused_paths) in pairs:
+            try:
+                vis_img, ir_img = read_image(vis_path, "RGB"), read_image(ir_path, "L")
+                _check_size(ir_path, ir_img, vis_path, vis_img)
+                scores = []
+                for path in fused_paths:
+                    fused_img = read_image(path, "RGB")
+                    _check_size(path, fused_img, vis_path, vis_img)
+                    scores.append(
+                        metrics.evaluate_pair(fused_img, vis_img, ir_img, convention, names)
+                    )
+                    bar.update()
+            except DataError as e:
+                if not keep_going:
+                    raise
+                ev.skipped.append((name, str(e)))
+                continue
+            ev.pairs.append((name, vis_path, ir_path))
+            for m, path, score in zip(methods, fused_paths, scores, strict=True):
+                ev.fused[m].append(path)
+                ev.scores[m].append(score)
+    ev.skipped.sort()
+    if not ev.pairs:
+        name, reason = ev.skipped[0]
+        raise DataError(
+            f"none of the {len(ev.skipped)} pairs could be scored (first: {name}: {reason})"
+        )
     return ev
 
 
@@ -150,6 +175,8 @@ def format_table(ev: Evaluation, markdown: bool = False) -> str:
     rows = [["method"] + [_header(k) for k in keys]]
     rows += [[m] + [_fmt(k, means[m][k]) for k in keys] for m in ev.methods]
     title = f"convention {ev.convention}, mean over {len(ev.pairs)} images"
+    if ev.skipped:
+        title += f" ({len(ev.skipped)} pairs left out: --keep-going)"
     missing = [k for k in keys if any(math.isnan(s[k]) for m in ev.methods for s in ev.scores[m])]
     note = f"; left out of the means where undefined: {', '.join(missing)}" if missing else ""
     if "MS_SSIM" in missing:
@@ -196,21 +223,6 @@ def write_csv(path: str | os.PathLike, ev: Evaluation) -> None:
     _write_atomic(path, csv_text(ev))
 
 
-def thumbnail(img: np.ndarray, side: int = THUMB_SIDE) -> Image.Image:
-    """`img` shrunk to fit side x side (never enlarged), as the reports show it."""
-    thumb = Image.fromarray(img)
-    thumb.thumbnail((side, side))
-    return thumb
-
-
-def thumbnail_uri(img: np.ndarray, side: int = THUMB_SIDE) -> str:
-    """A PNG data URI of `thumbnail(img, side)`."""
-    thumb = thumbnail(img, side)
-    buf = io.BytesIO()
-    thumb.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 _CSS = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child,th:first-child
 {text-align:left}.g td{text-align:center;vertical-align:top;font-size:80%}.g img{display:block}
@@ -255,12 +267,14 @@ def html_text(
     more = (
         f"<p>first {len(shown)} of {len(ev.pairs)} images</p>" if len(shown) < len(ev.pairs) else ""
     )
+    left_out = "; ".join(f"{n}: {why}" for n, why in ev.skipped)
+    left_out = left_out and f"\n<p>{len(ev.skipped)} pairs left out: {e(left_out)}</p>"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>fusion metrics ({e(ev.convention)})</title>
 <style>{_CSS}</style></head><body>
 <h1>Fusion metrics</h1>
 <p>convention <b>{e(ev.convention)}</b>, mean over {len(ev.pairs)} images;
-↑ higher is better, ↓ lower is better.</p>
+↑ higher is better, ↓ lower is better.</p>{left_out}
 <table><tr><th>method</th>{head}</tr>
 {chr(10).join(rows)}
 </table>
@@ -406,23 +420,52 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="pairs (rows) in the --gallery PNG (0: all; default 4)",
     )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="score the pairs that exist and decode; leave the others out (unmatched names, "
+        "undecodable files, sizes that differ), one `skipped: NAME: reason` line each, the "
+        "count in the table's title; exit status 1 if any",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
+def check_outputs(args) -> None:
+    """Raise DataError unless --csv, --html and --gallery name new files, apart from each other
+    and from every input image; before any scoring."""
+    folders = [("--vis", args.vis), ("--ir", args.ir), *(("--fused", f) for f in args.fused)]
+    taken = {}
+    for flag, folder in folders:
+        taken |= {p.resolve(): f"an input image ({flag})" for p in image_files(folder).values()}
+    for flag in ("--csv", "--html", "--gallery"):
+        path = getattr(args, flag[2:])
+        if path:
+            taken[check_output_file(path, flag, taken, [f for _, f in folders])] = f"{flag}'s file"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (2 on bad input, with one `error:` line)."""
+    """CLI entry point; returns the exit status (2 on bad input, with one `error:` line; 1 when
+    --keep-going left pairs out)."""
     args = _parser().parse_args(argv)
     if args.gallery and pathlib.Path(args.gallery).suffix.lower() != ".png":
         print(f"error: --gallery {args.gallery}: it writes a PNG; name it *.png", file=sys.stderr)
         return 2
     try:
+        check_outputs(args)
         ev = evaluate_folders(
-            args.fused, args.vis, args.ir, args.convention, progress=not args.quiet
+            args.fused,
+            args.vis,
+            args.ir,
+            args.convention,
+            progress=not args.quiet,
+            keep_going=args.keep_going,
         )
     except DataError as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
+    for name, reason in ev.skipped:
+        print(f"skipped: {name}: {reason}", file=sys.stderr)
     print(format_table(ev))
     outputs = [(args.csv, lambda p: write_csv(p, ev))]
     outputs.append((args.html, lambda p: write_html(p, ev, args.html_images)))
@@ -438,6 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 2
+    if ev.skipped:
+        print(f"skipped: {len(ev.skipped)} pairs left out (listed above)", file=sys.stderr)
+        return 1
     return 0
 
 

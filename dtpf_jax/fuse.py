@@ -1,15 +1,16 @@
-"""Fuse visible + infrared (or CT|PET|SPECT + MRI) pairs into 8-bit PNGs of the input's size.
+"""Fuse visible + infrared (or CT|PET|SPECT + MRI) pairs into 8- or 16-bit PNGs of the input's size.
 
     python -m dtpf_jax.fuse --vis DIR|FILE --ir DIR|FILE --out DIR [--weights NAME|PATH]
         [--color rgb|ycbcr|gray] [--mode auto|full|tiles] [--buckets auto|fine|coarse]
-        [--html FILE]
+        [--bits 8|16] [--recursive] [--keep-going] [--skip-existing] [--html FILE]
     python -m dtpf_jax.fuse --weights teacher.msgpack --text "Event Type: Low Light ..." ...
     python -m dtpf_jax.fuse              # built-in demo pair -> ./dtpf_demo/ (index.html)
 
-Folders are paired by basename, ignoring the extension; the output keeps the basename. Every
-input is decoded and checked, and the weights, text and output folder are ready, before the
-network runs: bad input stops the run with one `error:` line (exit 2) and nothing written.
-Each output is written atomically, and inputs are never written.
+Folders are paired by basename, ignoring the extension (with --recursive, by the path relative
+to each folder); the output keeps the name. Every input is decoded and checked, and the weights,
+text, output folder and --html path are ready, before the network runs: bad input stops the run
+with one `error:` line (exit 2) and nothing written, unless --keep-going skips the bad pairs
+(exit 1). Each output is written atomically, and inputs are never written.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import logging
 import os
 import pathlib
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -28,158 +28,95 @@ import numpy as np
 
 from dtpf_jax import demo, infer
 from dtpf_jax.checkpoint import WeightsError
-from dtpf_jax.datasets import MED_A, Pair
 from dtpf_jax.images import (
     DataError,
     atomic_write,
-    pair_by_name,
+    check_output_file,
     read_image,
-    refuse_shared,
     to_float,
     to_uint8,
+    to_uint16,
     write_png_atomic,
+)
+from dtpf_jax.plan import (
+    Job,
+    check_inputs,
+    is_done,
+    medical_hint,
+    plan_jobs,
+    prepare_out,
+    taken_paths,
+    text_embeddings,
 )
 from dtpf_jax.text import ClipError
 
 DEMO_DIR = "dtpf_demo"
 
 
-@dataclasses.dataclass
-class Job:
-    """One pair to fuse and where its result goes."""
-
-    name: str
-    vis: pathlib.Path
-    ir: pathlib.Path
-    out: pathlib.Path
-    size: tuple[int, int] = (0, 0)  # (H, W), known after check_inputs
-
-
-def plan_jobs(vis: str, ir: str, out: str | os.PathLike) -> list[Job]:
-    """Pair the inputs (two files, or two folders by basename) and name the outputs."""
-    v, i, out = pathlib.Path(vis), pathlib.Path(ir), pathlib.Path(out)
-    for p, flag in ((v, "--vis"), (i, "--ir")):
-        if not p.exists():
-            raise DataError(f"{p}: no such file or folder; check {flag}")
-    if v.is_file() and i.is_file():
-        pairs = [(v.stem, (v, i))]
-    elif v.is_dir() and i.is_dir():
-        pairs = pair_by_name([v, i], roles=("vis", "ir"))
-    else:
-        raise DataError(f"{v}, {i}: --vis and --ir must both be files or both be folders")
-    res = out.resolve()
-    for folder in {p.resolve() if p.is_dir() else p.resolve().parent for p in (v, i)}:
-        if res == folder:
-            raise DataError(
-                f"{out}: is an input folder; pass another --out (inputs are never written)"
-            )
-    return [Job(n, a, b, out / f"{n}.png") for n, (a, b) in pairs]
-
-
-def check_inputs(jobs: Sequence[Job]) -> None:
-    """Decode every image and compare sizes; raise one line naming the first problem."""
-    problems = []
-    for job in jobs:
-        try:
-            a, b = read_image(job.vis, "RGB"), read_image(job.ir, "L")
-        except DataError as e:
-            problems.append(str(e))
-            continue
-        if a.shape[:2] != b.shape:
-            problems.append(
-                f"{job.vis}: size {a.shape[1]}x{a.shape[0]} differs from {job.ir} "
-                f"{b.shape[1]}x{b.shape[0]}; register or resize the pair"
-            )
-        job.size = b.shape
-    if problems:
-        more = f" (+{len(problems) - 1} more bad inputs)" if len(problems) > 1 else ""
-        raise DataError(problems[0] + more)
-
-
-def prepare_out(out: pathlib.Path) -> None:
-    """Create the output folder if needed and check that files can be written there."""
-    refuse_shared(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".dtpf_probe.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise DataError(
-            f"{out}: cannot write the output folder ({e.strerror or e}); pass a writable --out"
-        ) from None
-
-
-def text_embeddings(args, model: infer.Model, jobs: Sequence[Job]) -> list:
-    """One (1, D) embedding per job for a teacher (from --text or --captions), else Nones."""
-    if not model.text_guided:
-        if args.text is not None or args.captions:
-            raise DataError(
-                f"{model.source}: the student is text-free; drop --text/--captions "
-                "(they are for a teacher's weights)"
-            )
-        return [None] * len(jobs)
-    if args.text is not None and args.captions:
-        raise DataError("--text and --captions: pass one of them, not both")
-    if args.text is None and not args.captions:
-        raise DataError(
-            f'{model.source}: a teacher needs a caption; pass --text "Event Type: ..." '
-            "or --captions DIR (a <name>.txt per pair)"
-        )
-    from dtpf_jax import captions, text
-
-    if args.text is not None:
-        strings = [args.text] * len(jobs)
-    else:
-        strings, missing = [], []
-        for j in jobs:
-            path = captions.caption_file(
-                pathlib.Path(args.captions), Pair(j.name, j.vis, j.ir, ".")
-            )
-            if path is None:
-                missing.append(j.name)
-                continue
-            records = captions.parse_caption(path.read_text(encoding="utf-8", errors="replace"))
-            strings.append(captions.clip_string(records, args.text_mode)[0])
-        if missing:
-            raise DataError(
-                f"{args.captions}: no caption file for {len(missing)} pairs "
-                f"({', '.join(missing[:5])}); write <name>.txt there or use --text"
-            )
-    uniq = sorted(set(strings))
-    try:
-        emb = dict(zip(uniq, text.embed_strings(uniq, args.clip), strict=True))
-    except ImportError as e:
-        raise DataError(
-            f"--clip {args.clip}: CLIP needs transformers with Flax ({e}); "
-            "pip install 'transformers<5'"
-        ) from None
-    return [emb[s][None] for s in strings]
+# jax.monitoring events of building a program: tracing, lowering, and compiling it or loading
+# it from the persistent cache (the last one fires once per program either way).
+_BUILD_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 
 @dataclasses.dataclass
 class Stats:
-    """What a run did: images, wall time, compiles and their time."""
+    """What a run did: images, wall time, programs compiled or loaded from the compile cache,
+    and the seconds spent building them."""
 
     images: int = 0
     seconds: float = 0.0
-    compiles: int = 0
+    programs: int = 0
+    cached: int = 0
     compile_s: float = 0.0
     tiled: int = 0
 
     @property
+    def compiles(self) -> int:
+        """Programs compiled anew (not loaded from the persistent compile cache)."""
+        return self.programs - self.cached
+
+    @property
     def images_per_s(self) -> float:
-        """Images per second after compilation (nan when every image compiled)."""
-        steady = self.images - self.compiles
-        return steady / (self.seconds - self.compile_s) if steady > 0 else float("nan")
+        """Images per second, compile time left out (nan when every image built a program)."""
+        if self.images <= self.programs or self.seconds <= self.compile_s:
+            return float("nan")
+        return self.images / (self.seconds - self.compile_s)
+
+    def __enter__(self):
+        import jax
+
+        jax.monitoring.register_event_listener(self._event)
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_listener(self._event)
+        jax.monitoring.unregister_event_duration_listener(self._duration)
+
+    def _event(self, event: str, **kwargs) -> None:
+        self.cached += event == _CACHE_HIT
+
+    def _duration(self, event: str, seconds: float, **kwargs) -> None:
+        if event in _BUILD_EVENTS:
+            self.compile_s += seconds
+            self.programs += event == _BUILD_EVENTS[-1]
 
 
 def _load(job: Job) -> tuple[np.ndarray, np.ndarray]:
-    return to_float(read_image(job.vis, "RGB")), to_float(read_image(job.ir, "L"))
+    # 16-bit reads keep a 16-bit infrared's levels; 8-bit files give the same floats either way.
+    return to_float(read_image(job.vis, "RGB", 16)), to_float(read_image(job.ir, "L", 16))
 
 
-def _save(job: Job, fused: np.ndarray, vis: np.ndarray, color: str) -> None:
-    write_png_atomic(job.out, to_uint8(infer.apply_color(fused, vis, color)))
+def _save(job: Job, fused: np.ndarray, vis: np.ndarray, color: str, bits: int = 8) -> None:
+    out = infer.apply_color(fused, vis, color)
+    write_png_atomic(job.out, to_uint16(out) if bits == 16 else to_uint8(out))
 
 
 def run(
@@ -192,8 +129,9 @@ def run(
     quiet: bool,
     tile_batch: int = 16,
     buckets: str = "coarse",
+    bits: int = 8,
 ):
-    """Fuse every job and write its PNG atomically; returns Stats.
+    """Fuse every job and write its PNG (8- or 16-bit) atomically; returns Stats.
 
     Decoding the next pair and encoding finished PNGs run on threads beside the network
     (PIL releases the GIL): on a GPU they otherwise take longer than the fusion itself.
@@ -202,9 +140,9 @@ def run(
 
     from tqdm import tqdm
 
-    fuser, stats, t_start = model.fuser, Stats(), time.perf_counter()
+    t_start = time.perf_counter()
     bar = tqdm(total=len(jobs), unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True)
-    with ThreadPoolExecutor(2) as pool:
+    with Stats() as stats, ThreadPoolExecutor(2) as pool:
         pending, ahead = [], pool.submit(_load, jobs[0]) if jobs else None
         for k, (job, emb) in enumerate(zip(jobs, embs, strict=True)):
             vis, ir = ahead.result()
@@ -212,18 +150,14 @@ def run(
                 ahead = pool.submit(_load, jobs[k + 1])
             job_mode = infer.pick_mode(mode, *job.size, threshold)
             stats.tiled += job_mode == "tiles"
-            traces, t0 = fuser.trace_count, time.perf_counter()
             fused = _fuse_one(job, model, vis, ir, emb, job_mode, tile_batch, buckets)
-            if fuser.trace_count > traces:  # this call compiled a new shape
-                stats.compiles += 1
-                stats.compile_s += time.perf_counter() - t0
-            pending.append(pool.submit(_save, job, fused, vis, color))
+            pending.append(pool.submit(_save, job, fused, vis, color, bits))
             while len(pending) > 2:  # bounded: at most 2 finished images wait for their PNG
                 pending.pop(0).result()
             stats.images += 1
             stats.seconds = time.perf_counter() - t_start
             bar.update()
-            if stats.images > stats.compiles:
+            if stats.images > stats.programs:
                 bar.set_postfix_str(f"{stats.images_per_s:.2f} images/s after compile")
         for f in pending:
             f.result()
@@ -307,25 +241,38 @@ def _parser() -> argparse.ArgumentParser:
         "auto (default): whichever costs less for these images",
     )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument(
+        "--bits",
+        type=int,
+        default=8,
+        choices=(8, 16),
+        help="PNG bit depth of the outputs (default 8). 16-bit gray inputs are always read at "
+        "full precision, scaled by their dtype's range (0-65535 -> 0-1), so with --bits 16 a "
+        "16-bit thermal image's levels survive into the fused PNG",
+    )
+    p.add_argument(
+        "--recursive",
+        action="store_true",
+        help="pair the files of the --vis and --ir trees by their path relative to each "
+        "(day/0001.png with day/0001.jpg), and mirror the subfolders under --out",
+    )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="fuse every good pair and skip the bad ones (unmatched names, undecodable files, "
+        "sizes that differ), one `skipped: NAME: reason` line each; exit status 1 if any",
+    )
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="keep outputs already there and complete (they decode, at the input's size): "
+        "an interrupted run continues where it stopped",
+    )
     p.add_argument("--html", metavar="FILE", help="also write a vis | ir | fused HTML page")
     p.add_argument("--demo", action="store_true", help="fuse the built-in demo pair")
     p.add_argument("--no-compile-cache", action="store_true", help="no persistent XLA cache")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
-
-
-def medical_hint(jobs: Sequence[Job], weights: str) -> str | None:
-    """A note when the default IVF student meets a PET/SPECT/CT folder and its student ships."""
-    if str(weights) not in ("student", "student_ivf") or not jobs:
-        return None
-    folder = jobs[0].vis.parent.name.lower()  # the A folder names of the medical layout
-    name = f"student_{folder}_mri"
-    if folder not in MED_A or not (infer.WEIGHTS_DIR / infer.SHIPPED_STUDENTS[name]).is_file():
-        return None
-    return (
-        f"note: {jobs[0].vis.parent} looks like medical input and --weights {weights} is the "
-        f"infrared-visible student; --weights {name} is the one trained on {folder.upper()}-MRI"
-    )
 
 
 def _compile_cache(disabled: bool) -> None:
@@ -345,7 +292,8 @@ def _compile_cache(disabled: bool) -> None:
 
 
 def fuse_main(args) -> int:
-    """The run behind main(); raises DataError / WeightsError / ClipError on bad input."""
+    """The run behind main(); raises DataError / WeightsError / ClipError on bad input.
+    Returns 0, or 1 when --keep-going left pairs out."""
     _compile_cache(args.no_compile_cache)
     out = pathlib.Path(args.out)
     if args.demo:
@@ -353,16 +301,25 @@ def fuse_main(args) -> int:
         args.vis, args.ir = demo.write_inputs(out)
         out = out / "fused"
         args.html = args.html or str(out.parent / "index.html")
-    jobs = plan_jobs(args.vis, args.ir, out)
-    check_inputs(jobs)
+    skipped = [] if args.keep_going else None
+    jobs = plan_jobs(args.vis, args.ir, out, args.recursive, skipped)
+    if args.html:
+        taken = taken_paths(args.vis, args.ir, jobs, args.recursive)
+        check_output_file(args.html, "--html", taken)
+    jobs = check_inputs(jobs, skipped)
+    for name, reason in skipped or ():
+        print(f"skipped: {name}: {reason}", file=sys.stderr)
+    if skipped and not jobs:
+        raise DataError(f"nothing to fuse: all {len(skipped)} pairs were skipped (listed above)")
+    todo = [j for j in jobs if not (args.skip_existing and is_done(j))]
     hint = medical_hint(jobs, args.weights)
     if hint:
         print(hint)
     model = infer.load_model(args.weights, args.dtype)
-    embs = text_embeddings(args, model, jobs)
-    prepare_out(out)
+    embs = text_embeddings(args, model, todo)
+    prepare_out(out, todo)
     threshold = infer.max_full_pixels() if args.max_full_pixels is None else args.max_full_pixels
-    big = [j for j in jobs if infer.pick_mode(args.mode, *j.size, threshold) == "tiles"]
+    big = [j for j in todo if infer.pick_mode(args.mode, *j.size, threshold) == "tiles"]
     if big and args.mode == "auto":
         print(
             f"note: {_count(len(big), 'image')} above {threshold} pixels run in "
@@ -371,10 +328,10 @@ def fuse_main(args) -> int:
         )
     buckets = args.buckets
     if buckets == "auto":
-        full = [j.size for j in jobs if infer.pick_mode(args.mode, *j.size, threshold) == "full"]
+        full = [j.size for j in todo if infer.pick_mode(args.mode, *j.size, threshold) == "full"]
         buckets = infer.choose_buckets(full)
     stats = run(
-        jobs,
+        todo,
         model,
         embs,
         args.mode,
@@ -383,30 +340,59 @@ def fuse_main(args) -> int:
         args.quiet,
         max(1, args.tile_batch),
         buckets,
+        args.bits,
     )
-    label = "untrained network, random init" if not model.trained else model.source
     if args.html:
-        page = demo.page_html(
-            jobs, f"DTPF fusion ({label})", "" if model.trained else infer.UNTRAINED_WARNING
+        _write_page(args, jobs, model)
+    if stats.images:
+        print(
+            f"compile: {_count(stats.compiles, 'new shape')}"
+            + (f", {stats.cached} from the compile cache" if stats.cached else "")
+            + f" ({buckets} buckets), {stats.compile_s:.1f} s, not counted in images/s"
         )
-        atomic_write(args.html, page)
-        print(f"page: {pathlib.Path(args.html).resolve()}")
-    print(
-        f"compile: {_count(stats.compiles, 'new shape')} ({buckets} buckets), "
-        f"{stats.compile_s:.1f} s (first image of each shape, not counted in images/s)"
-    )
-    # A rate after compile exists only when some image ran on an already compiled shape.
+    # A rate after compile exists only when some image ran on an already built program.
     ips = (
         f", {stats.images_per_s:.2f} images/s after compile"
-        if stats.images > stats.compiles
+        if stats.images > stats.programs
         else ""
     )
     tiled = f", {stats.tiled} in tiles" if stats.tiled else ""
+    kept = len(jobs) - len(todo)
+    kept = f", {kept} done before and kept (--skip-existing)" if kept else ""
     print(
         f"done: {_count(stats.images, 'image')}{tiled} in {stats.seconds:.1f} s"
-        f"{ips} -> {out.resolve()}"
+        f"{ips or ''}{kept} -> {out.resolve()}"
     )
+    if skipped:
+        print(f"skipped: {_count(len(skipped), 'pair')} (listed above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def model_label(weights: str, model: infer.Model) -> str:
+    """Who fused, in words, without the install's path."""
+    if not model.trained:
+        return "an untrained student (random init: the shipped weights are missing)"
+    name = pathlib.Path(model.source).name
+    return f"the shipped student ({name})" if str(weights) in infer.SHIPPED_STUDENTS else name
+
+
+def _write_page(args, jobs: Sequence[Job], model: infer.Model) -> None:
+    """The --html page; for the demo, with max(vis, ir) and the scores, also in the terminal."""
+    label = model_label(args.weights, model)
+    notes = [] if model.trained else [infer.UNTRAINED_WARNING]
+    if args.demo:
+        scores = demo.compare(jobs[0])
+        intro = demo.describe(label)
+        print(f"demo: {intro}\n{demo.score_table(scores)}")
+        intro_line = f"{intro[0].upper()}{intro[1:]}."
+        page = demo.page_html(jobs, "DTPF demo", [intro_line, demo.SCORES_NOTE, *notes], [scores])
+    else:
+        page = demo.page_html(jobs, f"DTPF fusion: {label}", notes)
+    html_path = pathlib.Path(args.html)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(html_path, page)
+    print(f"page: {html_path.resolve()}")
 
 
 def _count(n: int, noun: str) -> str:
@@ -420,7 +406,8 @@ class _LowerFormatter(logging.Formatter):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; 0 on success, 2 with one `error:` line on bad input."""
+    """CLI entry point; 0 on success, 1 when --keep-going skipped pairs, 2 with one `error:`
+    line on bad input."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv or ["--demo"])
     if args.demo:
@@ -442,7 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: outputs written so far are complete", file=sys.stderr)
+        print(
+            "interrupted: outputs written so far are complete; rerun with --skip-existing "
+            "to continue",
+            file=sys.stderr,
+        )
         return 130
     finally:
         logger.removeHandler(handler)

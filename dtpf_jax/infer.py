@@ -400,21 +400,23 @@ def fuse_images(
     clip: str = DEFAULT_CLIP,
     buckets: str = "coarse",
 ):
-    """Fuse one pair (PIL images, (H, W[, C]) arrays) or a batch ((B, H, W, C) arrays).
+    """Fuse one pair (PIL images, image file paths, (H, W[, C]) arrays) or a batch
+    ((B, H, W, C) arrays).
 
     Visible / A: RGB, RGBA or gray; infrared / B: gray (RGB is turned into BT.601 luma).
-    Arrays may be uint8, uint16 or float in [0, 1]. Returns PIL for PIL input, float32 in
-    [0, 1] for float input, else uint8; (H, W, 3), or (H, W) for color='gray'.
+    Arrays may be uint8, uint16 or float with finite values in [0, 1]; anything else raises
+    saying what was passed. Returns PIL for PIL or path input, float32 in [0, 1] for float
+    input, else uint8; (H, W, 3), or (H, W) for color='gray'.
     buckets: 'coarse' (default; few compiled shapes when called over images of many sizes)
     or 'fine' (less padding: faster for images of one size, e.g. 480x640 runs unpadded).
     """
     from PIL import Image
 
     model = model or default_model()
-    pil = isinstance(vis, Image.Image)
+    pil = isinstance(vis, Image.Image | str | os.PathLike)
+    v, single = _as_images(vis, "RGB", "vis")
+    i, _ = _as_images(ir, "L", "ir")
     floats = not pil and np.issubdtype(np.asarray(vis).dtype, np.floating)
-    v, single = _as_images(vis, "RGB")
-    i, _ = _as_images(ir, "L")
     if v.shape[:3] != i.shape[:3]:
         raise ValueError(f"visible {v.shape[:3]} and infrared {i.shape[:3]} sizes differ")
     emb = text_embedding(model, text, v.shape[0], clip)
@@ -428,12 +430,21 @@ def fuse_images(
     return Image.fromarray(out) if pil else out
 
 
-def _as_images(x, mode: str) -> tuple[np.ndarray, bool]:
-    """PIL / array -> float32 (B, H, W, 3 | 1) in [0, 1], and whether it was a single image."""
+_ACCEPTED = "a PIL image, an image file's path, or a uint8, uint16 or float array"
+
+
+def _as_images(x, mode: str, role: str = "image") -> tuple[np.ndarray, bool]:
+    """PIL / path / array -> float32 (B, H, W, 3 | 1) in [0, 1], and whether it was a single
+    image; `role` ('vis', 'ir') names the argument in errors."""
     from PIL import Image
 
-    if isinstance(x, Image.Image):
+    if isinstance(x, str | os.PathLike):
+        with Image.open(x) as img:  # FileNotFoundError names the path
+            x = _pil_array(img, mode)
+    elif isinstance(x, Image.Image):
         x = _pil_array(x, mode)
+    elif not isinstance(x, np.ndarray | Sequence) and not hasattr(x, "__array__"):
+        raise TypeError(f"{role}: got {type(x).__name__}; pass {_ACCEPTED}")
     a = np.asarray(x)
     if a.dtype == np.uint8:
         a = a.astype(np.float32) / 255.0
@@ -441,17 +452,28 @@ def _as_images(x, mode: str) -> tuple[np.ndarray, bool]:
         a = a.astype(np.float32) / 65535.0
     elif a.dtype == bool or np.issubdtype(a.dtype, np.floating):
         a = a.astype(np.float32)
+        bad = np.size(a) - np.count_nonzero(np.isfinite(a))
+        if bad:
+            raise ValueError(
+                f"{role}: {bad} of {a.size} values are NaN or infinite; float images must be "
+                "finite, in [0, 1]"
+            )
         if a.size and (a.min() < -1e-3 or a.max() > 1.0 + 1e-3):
-            raise ValueError("float images must lie in [0, 1]; divide 8-bit values by 255")
+            raise ValueError(
+                f"{role}: float images must lie in [0, 1], got [{a.min():.4g}, {a.max():.4g}]; "
+                "divide 8-bit values by 255"
+            )
     else:
-        raise ValueError(f"unsupported image dtype {a.dtype}; use uint8, uint16 or float")
-    single = a.ndim in (2, 3)
+        raise TypeError(f"{role}: got an array of dtype {a.dtype}; pass {_ACCEPTED}")
+    shape, single = a.shape, a.ndim in (2, 3)
     if a.ndim == 2:
         a = a[..., None]
     if single:
         a = a[None]
     if a.ndim != 4 or a.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected (H, W[, C]) or (B, H, W, C) images, got shape {a.shape}")
+        raise ValueError(f"{role}: expected (H, W[, C]) or (B, H, W, C) images, got shape {shape}")
+    if 0 in a.shape:
+        raise ValueError(f"{role}: an empty image, shape {shape}; pass at least 1x1 pixels")
     a = a[..., :3] if a.shape[-1] == 4 else a  # drop alpha
     if mode == "RGB":
         return (np.repeat(a, 3, -1) if a.shape[-1] == 1 else a), single

@@ -221,7 +221,7 @@ def bench_onnxruntime(h: int, w: int, args) -> dict:
 
 def bench_cli(n: int, h: int, w: int, folder: str | None) -> dict:
     """Images/s of the fuse CLI's loop (read, fuse, write) with the default student."""
-    from dtpf_jax import demo, fuse
+    from dtpf_jax import demo, fuse, plan
     from dtpf_jax.images import write_png_atomic
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,10 +236,10 @@ def bench_cli(n: int, h: int, w: int, folder: str | None) -> dict:
                 write_png_atomic(vis_dir / f"{k:04d}.png", vis)
                 write_png_atomic(ir_dir / f"{k:04d}.png", ir)
         t0 = time.perf_counter()
-        jobs = fuse.plan_jobs(str(vis_dir), str(ir_dir), root / "out")
-        fuse.check_inputs(jobs)
+        jobs = plan.plan_jobs(str(vis_dir), str(ir_dir), root / "out")
+        plan.check_inputs(jobs)
         model = infer.load_model("student")
-        fuse.prepare_out(root / "out")
+        plan.prepare_out(root / "out")
         buckets = infer.choose_buckets([j.size for j in jobs])  # as the CLI's --buckets auto
         stats = fuse.run(jobs, model, [None] * len(jobs), "auto", "rgb", 0, True, 16, buckets)
         wall = time.perf_counter() - t0

@@ -85,6 +85,28 @@ def test_colors_and_modes(student):
         infer.fuse_images(vis, ir[:-1], student)
 
 
+def test_bad_arrays_say_what_was_passed_and_a_path_is_opened(student, tmp_path):
+    vis, ir = _pair()
+    nan = vis / 255.0
+    nan[3, 4, 1] = np.nan
+    cases = [  # refused before anything runs: a NaN would give an all-NaN image
+        ((nan, ir), ValueError, "vis: 1 of 6240 values are NaN or infinite"),
+        ((vis, np.full((40, 52), np.inf)), ValueError, "ir: 2080 of 2080 values are NaN or inf"),
+        ((np.zeros((0, 0)), ir), ValueError, r"vis: an empty image, shape \(0, 0\)"),
+        ((None, ir), TypeError, "vis: got NoneType; pass a PIL image, an image file's path"),
+        ((vis, [["a"]]), TypeError, "ir: got an array of dtype <U1; pass a PIL image"),
+        (("no_such.png", ir), FileNotFoundError, "no_such.png"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            infer.fuse_images(*args, student)
+    Image.fromarray(vis).save(tmp_path / "v.png")
+    Image.fromarray(ir).save(tmp_path / "i.png")
+    opened = infer.fuse_images(str(tmp_path / "v.png"), tmp_path / "i.png", student)
+    assert isinstance(opened, Image.Image)
+    np.testing.assert_array_equal(np.asarray(opened), infer.fuse_images(vis, ir, student))
+
+
 def test_text_rules(student, teacher):
     vis, ir = _pair()
     with pytest.raises(ValueError, match="text-free"):

@@ -157,11 +157,51 @@ def test_missing_folder_size_mismatch_and_tiny(tmp_path, capsys):
     assert "too small" in _one_error_line(capsys)
 
 
-def test_unwritable_output(tmp_path, capsys):
-    dirs = make_folders(tmp_path)
+def _digest(root):
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_output_paths_are_checked_before_scoring(tmp_path, capsys, monkeypatch):
+    dirs = make_folders(tmp_path, methods=("max_rule", "mean_rule"))
     (tmp_path / "taken").mkdir()
-    assert run(dirs, "--csv", tmp_path / "taken") == 2
-    assert "cannot write" in _one_error_line(capsys)
+    (tmp_path / "file.txt").write_text("a regular file")
+    cases = [
+        (("--html", dirs["vis"] / "a01.png"), "is an input image (--vis)"),
+        (("--csv", dirs["mean_rule"] / "b02.png"), "is an input image (--fused)"),
+        (("--gallery", dirs["ir"] / "fig.png"), "would add an image to the input folder"),
+        (("--csv", tmp_path / "taken"), "is a folder"),
+        (("--html", tmp_path / "file.txt" / "r.html"), "is a file, not a folder"),
+        (("--csv", tmp_path / "x.csv", "--html", tmp_path / "x.csv"), "is --csv's file"),
+    ]
+    monkeypatch.setattr(metrics, "evaluate_pair", None)  # scoring anything would raise
+    before = _digest(tmp_path)
+    for extra, message in cases:
+        assert run(dirs, *extra, methods=("max_rule", "mean_rule")) == 2
+        err = _one_error_line(capsys)
+        assert message in err and str(extra[1]) in err, err
+    assert _digest(tmp_path) == before  # nothing written, nothing replaced
+
+
+def test_keep_going_scores_what_is_there(tmp_path, capsys):
+    """A name missing from one method, a corrupt source and a size mismatch: left out of every
+    method's scores, one line each, exit 1; strict, the same folders are an error."""
+    methods = ("max_rule", "mean_rule")
+    dirs = make_folders(tmp_path, names=("a01", "b02", "c03", "d04"), methods=methods)
+    (dirs["mean_rule"] / "b02.png").unlink()
+    (dirs["vis"] / "c03.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.fromarray(np.zeros((48, 50), np.uint8)).save(dirs["ir"] / "d04.bmp")
+    assert run(dirs, methods=methods) == 2
+    _one_error_line(capsys)
+    csv_path = tmp_path / "s.csv"
+    assert run(dirs, "--keep-going", "--csv", csv_path, methods=methods) == 1
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert err[0].startswith("skipped: b02: missing in ") and "mean_rule" in err[0]
+    assert err[1].startswith("skipped: c03: ") and "c03.png" in err[1]
+    assert err[2].startswith("skipped: d04: ") and "50x48" in err[2]
+    assert err[3:] == ["skipped: 3 pairs left out (listed above)"]
+    assert "mean over 1 images (3 pairs left out" in captured.out
+    assert [(r[0], r[1]) for r in read_csv(csv_path)[1:]] == [(m, "a01") for m in methods]
 
 
 def test_module_entry_point(tmp_path):

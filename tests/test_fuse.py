@@ -3,15 +3,17 @@
 import hashlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from conftest import REPO, tiny_model_config
 from PIL import Image
 
-from dtpf_jax import checkpoint, demo, fuse, infer
+from dtpf_jax import checkpoint, demo, fuse, images, infer, metrics, plan
 
 H, W = 40, 52  # bucket 64x64: one compile for every case below
 
@@ -155,9 +157,36 @@ def case_out_is_an_input(root):
     return ["--out", str(root / "vis")], 2, "is an input folder"
 
 
+def case_recursive_out_in_an_input(root):
+    _good(root)
+    return ["--recursive", "--out", str(root / "vis" / "fused")], 2, "inside the input folder"
+
+
 def case_no_teacher_ships(root):
     _good(root)
     return ["--weights", "teacher"], 2, "no teacher weights ship"
+
+
+def case_html_is_an_input(root):
+    _good(root)
+    return ["--html", str(root / "vis" / "a.png")], 2, "is an input image (--vis)"
+
+
+def case_html_is_an_output(root):
+    _good(root)
+    return ["--html", str(root / "out" / "a.png")], 2, "where the fused image of a goes"
+
+
+def case_html_is_a_folder(root):
+    _good(root)
+    (root / "pages").mkdir()
+    return ["--html", str(root / "pages")], 2, "is a folder"
+
+
+def case_html_under_a_file(root):
+    _good(root)
+    (root / "file.txt").write_text("a regular file")
+    return ["--html", str(root / "file.txt" / "p.html")], 2, "is a file, not a folder"
 
 
 CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
@@ -212,12 +241,10 @@ def test_colors_files_and_html(tmp_path, weights, capsys):
     _good(tmp_path)
     vis, ir = tmp_path / "vis" / "a.png", tmp_path / "ir" / "a.png"
     base = ["--vis", str(vis), "--ir", str(ir), "--weights", str(weights / "student.msgpack")]
-    outs = {}
+    outs, page_path = {}, tmp_path / "new" / "deeper" / "p.html"  # folders made as needed
     for color in ("rgb", "ycbcr", "gray"):
         args = base + ["--out", str(tmp_path / color), "--color", color, "--quiet"]
-        assert (
-            fuse.main(args + (["--html", str(tmp_path / "p.html")] if color == "rgb" else [])) == 0
-        )
+        assert fuse.main(args + (["--html", str(page_path)] if color == "rgb" else [])) == 0
         with Image.open(tmp_path / color / "a.png") as img:  # named after the visible file
             outs[color] = (img.mode, np.asarray(img))
     assert outs["rgb"][0] == outs["ycbcr"][0] == "RGB" and outs["gray"][0] == "L"
@@ -232,7 +259,8 @@ def test_colors_files_and_html(tmp_path, weights, capsys):
     chroma = color.rgb_to_ycbcr(ycc / 255.0)[kept][:, 1:]
     want = color.rgb_to_ycbcr(_vis() / 255.0)[kept][:, 1:]
     np.testing.assert_allclose(chroma, want, atol=0.01)  # 8-bit rounding
-    page = (tmp_path / "p.html").read_text()
+    page = page_path.read_text()
+    assert "<title>DTPF fusion: student.msgpack</title>" in page  # a name, not the install's path
     assert page.count("data:image/png;base64") == 3
     capsys.readouterr()
 
@@ -277,17 +305,17 @@ def test_untrained_default_student_says_so(monkeypatch, caplog):
 def test_medical_folder_with_the_ivf_student_gets_a_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(infer, "WEIGHTS_DIR", tmp_path / "weights")
     jobs = lambda folder: [
-        fuse.Job("a", tmp_path / folder / "a.png", tmp_path / "mri" / "a.png", tmp_path)
+        plan.Job("a", tmp_path / folder / "a.png", tmp_path / "mri" / "a.png", tmp_path)
     ]
-    assert fuse.medical_hint(jobs("PET"), "student") is None  # its student does not ship here
+    assert plan.medical_hint(jobs("PET"), "student") is None  # its student does not ship here
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "student_pet_mri.msgpack").touch()
-    hint = fuse.medical_hint(jobs("PET"), "student")
+    hint = plan.medical_hint(jobs("PET"), "student")
     assert hint and "--weights student_pet_mri" in hint and str(tmp_path / "PET") in hint
-    assert fuse.medical_hint(jobs("PET"), "student_pet_mri") is None  # already the right one
-    assert fuse.medical_hint(jobs("PET"), "my.msgpack") is None  # the user's own file
-    assert fuse.medical_hint(jobs("vi"), "student") is None
-    assert fuse.medical_hint(jobs("spect"), "student") is None  # SPECT's file is absent
+    assert plan.medical_hint(jobs("PET"), "student_pet_mri") is None  # already the right one
+    assert plan.medical_hint(jobs("PET"), "my.msgpack") is None  # the user's own file
+    assert plan.medical_hint(jobs("vi"), "student") is None
+    assert plan.medical_hint(jobs("spect"), "student") is None  # SPECT's file is absent
 
 
 def _run(args, cwd, **env):
@@ -309,7 +337,8 @@ def test_bad_input_in_a_fresh_process_is_one_line(tmp_path):
 
 
 def test_no_arguments_runs_the_builtin_demo(tmp_path):
-    """The README's main command on a fresh folder: demo pair, fused PNG and an HTML page."""
+    """The README's main command on a fresh folder: demo pair, fused PNG and an HTML page that
+    say what was done, with max(vis, ir) beside the fused image and the scores of both."""
     r = _run([], tmp_path, DTPF_JAX_CACHE=str(REPO / ".cache" / "jax"))
     assert r.returncode == 0, r.stderr
     shipped = (infer.WEIGHTS_DIR / infer.DEFAULT_STUDENT).is_file()
@@ -317,7 +346,21 @@ def test_no_arguments_runs_the_builtin_demo(tmp_path):
     folder = tmp_path / fuse.DEMO_DIR
     with Image.open(folder / "fused" / "street.png") as img:
         assert img.mode == "RGB" and img.size == demo.DEMO_SIZE[::-1]
-    assert (folder / "index.html").read_text().count("data:image/png;base64") == 3
+    page = (folder / "index.html").read_text()
+    assert page.count("data:image/png;base64") == 4  # vis | ir | max(vis, ir) | fused
+    title = page.split("<title>")[1].split("</title>")[0]
+    assert title == "DTPF demo" and str(tmp_path) not in page and "<p></p>" not in page
+    for what in ("built-in synthetic pair", "the shipped student" if shipped else "untrained"):
+        assert what in page and what in r.stdout
+    # The scores printed and shown are those of the files written.
+    vis, ir = (
+        images.read_image(folder / d / "street.png", m) for d, m in (("vis", "RGB"), ("ir", "L"))
+    )
+    fused = images.read_image(folder / "fused" / "street.png", "RGB")
+    for key, img in (("fused", fused), ("max(vis, ir)", np.maximum(vis, ir[..., None]))):
+        s = metrics.evaluate_pair(img, vis, ir, "clean", ("VIF", "Qabf", "IRT"))
+        line = f"VIF {s['VIF']:.3f}  Qabf {s['Qabf']:.3f}  IRT {s['IRT']:.3f}"
+        assert re.search(rf"{re.escape(key)} +{line}", r.stdout) and line in page, r.stdout
     assert "done: 1 image in" in r.stdout and str(folder / "fused") in r.stdout
     assert "images/s" not in r.stdout.splitlines()[-1]  # no rate after compile from one image
 
@@ -334,3 +377,101 @@ def test_buckets_auto_picks_fine_for_one_size(tmp_path, weights, capsys, flag, p
     for n in ("a", "b"):
         with Image.open(tmp_path / "out" / f"{n}.png") as img:
             assert img.size == (70, 40)
+
+
+def test_recursive_keep_going_then_skip_existing(tmp_path, weights, capsys):
+    """A tree with an unmatched name, a corrupt file and a size mismatch: --keep-going fuses the
+    good pairs into mirrored subfolders and lists the rest (exit 1); --skip-existing then keeps
+    complete outputs and redoes a truncated one."""
+    names = ("a", "day/b", "day/c", "night/d", "night/e")
+    _good(tmp_path, names)
+    (tmp_path / "ir" / "day" / "c.png").unlink()
+    (tmp_path / "vis" / "night" / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    _save(tmp_path / "ir" / "night" / "e.png", _ir(H, W - 2))
+    out = tmp_path / "out"
+    args = ["--vis", str(tmp_path / "vis"), "--ir", str(tmp_path / "ir"), "--out", str(out)]
+    args += ["--weights", str(weights / "student.msgpack"), "--quiet", "--recursive"]
+    assert fuse.main(args) == 2  # strict by default: nothing written
+    assert "missing in" in capsys.readouterr().err and not out.exists()
+    assert fuse.main(args + ["--keep-going"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("skipped: day/c: missing in ") and err[0].endswith("ir (ir)")
+    assert err[1].startswith("skipped: night/d: ") and "cannot decode" in err[1]
+    assert err[2].startswith("skipped: night/e: ") and "differs from" in err[2]
+    assert err[3:] == ["skipped: 3 pairs (listed above)"]
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["a.png", "day/b.png"]
+    first = (out / "day" / "b.png").read_bytes()
+    # An output kept (a sentinel of the right size) and one cut short, as by a crash.
+    _save(out / "a.png", np.zeros((H, W, 3), np.uint8))
+    (out / "day" / "b.png").write_bytes(first[: len(first) // 2])
+    assert fuse.main(args + ["--keep-going", "--skip-existing"]) == 1
+    captured = capsys.readouterr()
+    assert "1 done before and kept (--skip-existing)" in captured.out, captured.out
+    assert "done: 1 image in" in captured.out
+    assert not np.asarray(Image.open(out / "a.png")).any()  # not recomputed
+    assert (out / "day" / "b.png").read_bytes() == first  # redone, the same as before
+
+
+def test_bits_16_keeps_a_16_bit_infrared(tmp_path, weights, tiny_student, capsys):
+    """A 16-bit thermal image (counts 20000-40000) in, a 16-bit PNG out: every level reaches the
+    network (the values over 0-65535, as fuse_images takes a uint16 array) and the output."""
+    vis = _vis()
+    ir16 = (20000 + np.random.default_rng(3).random((H, W)) * 20000).astype(np.uint16)
+    _save(tmp_path / "v.png", vis)
+    Image.fromarray(ir16).save(tmp_path / "i.png")
+    args = ["--vis", str(tmp_path / "v.png"), "--ir", str(tmp_path / "i.png"), "--quiet"]
+    args += ["--out", str(tmp_path / "out"), "--weights", str(weights / "student.msgpack")]
+    assert fuse.main(args + ["--bits", "16", "--color", "gray"]) == 0, capsys.readouterr().err
+    with Image.open(tmp_path / "out" / "v.png") as img:
+        assert img.mode == "I;16" and img.size == (W, H)
+        got = np.asarray(img).astype(np.int64)
+    model = infer.Model(tiny_student[1], tiny_student[0], "tiny student")
+    want = infer.fuse_images(vis / 255.0, ir16 / 65535.0, model, color="gray") * 65535.0
+    assert np.abs(got - want).max() <= 1.0
+    coarse = infer.fuse_images(vis / 255.0, np.round(ir16 / 257) / 255, model, color="gray")
+    assert np.abs(got - coarse * 65535).max() > 8  # an 8-bit infrared would show
+    # RGB at 16 bits: Pillow reads such a PNG at 8 bits, the high byte of each value.
+    rgb16 = (np.random.default_rng(4).random((5, 7, 3)) * 65535).astype(np.uint16)
+    images.write_png_atomic(tmp_path / "rgb16.png", rgb16)
+    assert (tmp_path / "rgb16.png").read_bytes()[24:26] == bytes([16, 2])  # depth, truecolour
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "rgb16.png")), rgb16 >> 8)
+
+
+def test_compile_summary_counts_cache_loads_and_build_time_only(
+    tmp_path, weights, tiny_student, capsys
+):
+    """A program loaded from the persistent cache is not a new shape, and in tiles mode only
+    building the program counts as compile time, not the image's run (slowed here by 0.5 s)."""
+    import re
+
+    import jax
+
+    vis, ir = _vis(100, 150), _ir(100, 150)  # the tiles of case_huge
+    _save(tmp_path / "vis" / "a.png", vis)
+    _save(tmp_path / "ir" / "a.png", ir)
+    args = ["--vis", str(tmp_path / "vis"), "--ir", str(tmp_path / "ir"), "--quiet"]
+    args += ["--out", str(tmp_path / "out"), "--weights", str(weights / "student.msgpack")]
+    args += ["--mode", "tiles", "--tile-batch", "2"]
+    real_fuse_one, min_s = fuse._fuse_one, jax.config.jax_persistent_cache_min_compile_time_secs
+
+    def slow_fuse_one(*a, **k):
+        out = real_fuse_one(*a, **k)
+        time.sleep(0.5)
+        return out
+
+    model = infer.Model(tiny_student[1], tiny_student[0], "tiny student")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:  # built before in this session (case_huge) or now: in the persistent cache either way
+        model.fuser(model.params, vis / 255.0, ir / 255.0, mode="tiles", tile_batch=2)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(infer, "_FUSERS", {})  # a fresh jit: the program is built once more
+            mp.setattr(fuse, "_fuse_one", slow_fuse_one)
+            assert fuse.main(args) == 0
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_s)
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("compile: 0 new shapes, 1 from the compile cache"), out
+    build = float(re.search(r"buckets\), ([\d.]+) s", out[-2]).group(1))
+    total = float(re.search(r"in ([\d.]+) s", out[-1]).group(1))
+    assert total - build >= 0.4, out  # the 0.5 s, less the rounding to 0.1 s

@@ -502,12 +502,17 @@ def test_smoke_configs_through_the_cli_then_export(tmp_path, shared_data):
     }
     teachers = {k: tmp_path / k / "teacher" for k in chains}
     students = {k: tmp_path / k / "student" for k in chains}
-    logs = _train_cli(*((t, teachers[k], []) for k, (t, _) in chains.items()))
+    # The micro model (no transformer blocks, as `programs`): the CLI path, not the blocks,
+    # is under test here, and the blocks' training steps are compiled by other tests.
+    no_blocks = "_blocks=(0,0,0,0)", "_refinement_blocks=0"
+    teacher_micro = [f"--config.model.num{s}" for s in no_blocks]
+    student_micro = [f"--config.{m}.num{s}" for m in ("model", "teacher_model") for s in no_blocks]
+    logs = _train_cli(*((t, teachers[k], teacher_micro) for k, (t, _) in chains.items()))
     for log in logs:
         assert "step 4 validation (clean convention" in log and "compiled the train step" in log
     _train_cli(
         *(
-            (d, students[k], [f"--config.teacher_workdir={teachers[k]}"])
+            (d, students[k], [f"--config.teacher_workdir={teachers[k]}", *student_micro])
             for k, (_, d) in chains.items()
         )
     )

@@ -44,7 +44,6 @@ from dtpf_jax import (
     metrics,
     networks,
     parallel,
-    text,
 )
 from dtpf_jax.infer import Fuser
 from dtpf_jax.report import NonFiniteLossError, Reporter
@@ -368,40 +367,6 @@ def train_pairs(cfg: ml_collections.ConfigDict) -> list[datasets.Pair]:
     return kept
 
 
-def make_train_iter(
-    cfg: ml_collections.ConfigDict,
-    pairs: list[datasets.Pair],
-    *,
-    global_batch: int,
-    seed: int,
-    mesh: jax.sharding.Mesh,
-) -> grain.DatasetIterator:
-    """data.make_train_iter over the given pairs (that one reads cfg.train whole)."""
-    n_proc, n_dev = jax.process_count(), len(mesh.local_devices)
-    if global_batch % (n_proc * n_dev):
-        raise ValueError(
-            f"global batch {global_batch} is not divisible by {n_proc} processes x {n_dev} devices"
-        )
-    data.check_pair_sizes(pairs, cfg.crop)
-    emb, weights = text.pair_priors(cfg, pairs)
-    records = [
-        {"a": p.a, "b": p.b, "text_emb": e, "weights": w}
-        for p, e, w in zip(pairs, emb, weights, strict=True)
-    ]
-    ds = grain.MapDataset.source(records).seed(seed).shuffle().repeat()
-    ds = (
-        ds[jax.process_index() :: n_proc]
-        .map(data.LoadPair())
-        .random_map(data.RandomCropFlip(cfg.crop))
-    )
-    it = ds.batch(global_batch // n_proc, drop_remainder=True).to_iter_dataset(
-        grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
-    )
-    if cfg.num_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    return iter(it.map(functools.partial(parallel.shard_batch, mesh=mesh)))
-
-
 def validate(
     fuser: Fuser, params, val_ds: grain.MapDataset, config: ml_collections.ConfigDict
 ) -> tuple[metrics.Scores, np.ndarray]:
@@ -452,8 +417,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     step_fn = build_step(config, mesh)
     data_cfg = run_data_config(config)
     pairs = train_pairs(data_cfg)
-    train_iter = make_train_iter(
-        data_cfg, pairs, global_batch=config.batch_size, seed=config.seed, mesh=mesh
+    train_iter = data.make_train_iter(
+        data_cfg, global_batch=config.batch_size, seed=config.seed, mesh=mesh, pairs=pairs
     )
     val_ds = data.make_eval_pairs(data_cfg, "val") if config.eval_every else None
     fuser = Fuser(config.model)

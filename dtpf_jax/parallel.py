@@ -1,4 +1,4 @@
-"""Data parallelism: the 1-D 'data' mesh, batch sharding, and the shard_map step wrapper."""
+"""Data parallelism: processes, the 1-D 'data' mesh, batch sharding, the shard_map step wrapper."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -17,6 +18,38 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """1-D mesh with axis 'data' over `devices` (default: all of all processes, process-major)."""
     devices = sorted(devices or jax.devices(), key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def init_processes(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    heartbeat_timeout: int = 100,
+) -> None:
+    """Join the other processes of a run: jax.distributed.initialize.
+
+    What is not given is detected (SLURM, Open MPI, Kubernetes, Cloud TPU). With all three
+    given, detection is off: it would also narrow each process to one GPU (SLURM: its
+    SLURM_LOCALID), where one process per host should use them all. A process that dies is
+    noticed by the others within heartbeat_timeout seconds; they stop with an error.
+    """
+    explicit = None not in (coordinator, num_processes, process_id)
+    jax.distributed.initialize(
+        coordinator,
+        num_processes,
+        process_id,
+        cluster_detection_method="deactivate" if explicit else None,
+        heartbeat_timeout_seconds=heartbeat_timeout,
+    )
+    if jax.process_index() != 0:  # one log for the run: process 0's; warnings from all
+        logging.set_verbosity(logging.WARNING)
+    logging.info(
+        "process %d of %d: %d local devices, %d in all",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

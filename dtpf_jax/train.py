@@ -5,8 +5,9 @@
 A thin absl main around `train_and_evaluate(config, workdir)`. The workdir (default
 runs/<config.name>) holds config.json, checkpoints/ (orbax: train state + data iterator, best k
 by validation quality + the latest) and tensorboard/; a rerun resumes from the latest step.
-Several hosts: start one process per host with --multihost, which calls
-jax.distributed.initialize() (cluster auto-detection: SLURM, Open MPI, Kubernetes, Cloud TPU).
+Several hosts: one process per host with --multihost, which joins them
+(parallel.init_processes: --coordinator HOST:PORT --num_processes N --process_id I, or what
+the cluster tells: SLURM, Open MPI, Kubernetes, Cloud TPU); the global batch is config.batch_size.
 Text embeddings come from the cache file made beforehand (dtpf_jax.text); CLIP never runs here.
 Stages (config.stage): 'teacher' and 'student' train config.model on the fusion loss (the
 student ignores the text), 'distill' trains the student against a frozen teacher;
@@ -532,44 +533,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
         _fail("error: this process failed (traceback above); the others stop too")
 
 
-def init_processes(
-    coordinator: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    heartbeat_timeout: int = 100,
-) -> None:
-    """Join the other processes of a run: jax.distributed.initialize.
-
-    What is not given is detected (SLURM, Open MPI, Kubernetes, Cloud TPU). With all three
-    given, detection is off: it would also narrow each process to one GPU (SLURM: its
-    SLURM_LOCALID), where one process per host should use them all. A process that dies is
-    noticed by the others within heartbeat_timeout seconds; they stop with an error.
-    """
-    explicit = None not in (coordinator, num_processes, process_id)
-    jax.distributed.initialize(
-        coordinator,
-        num_processes,
-        process_id,
-        cluster_detection_method="deactivate" if explicit else None,
-        heartbeat_timeout_seconds=heartbeat_timeout,
-    )
-    if jax.process_index() != 0:  # one log for the run: process 0's; warnings from all
-        logging.set_verbosity(logging.WARNING)
-    logging.info(
-        "process %d of %d: %d local devices, %d in all",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-    )
-
-
 def start_process(f: flags.FlagValues) -> None:
     """What the CLI does before training: join the other processes, compile cache, logging."""
     explicit = {"coordinator": f.coordinator, "num_processes": f.num_processes,
                 "process_id": f.process_id}  # fmt: skip
     if f.multihost:
-        init_processes(**explicit, heartbeat_timeout=f.heartbeat_timeout)
+        try:
+            parallel.init_processes(**explicit, heartbeat_timeout=f.heartbeat_timeout)
+        except ValueError as e:  # what jax.distributed says of missing or wrong values
+            hint = (
+                ""
+                if None not in explicit.values()
+                else " No cluster detected? Give every process --coordinator HOST:PORT (process "
+                "0's host, a free port), --num_processes N and its --process_id"
+            )
+            raise app.UsageError(f"--multihost: {e}{hint}") from None
     elif any(v is not None for v in explicit.values()):
         given = ", ".join(f"--{k}" for k, v in explicit.items() if v is not None)
         raise app.UsageError(f"{given} describe a multi-process run: add --multihost")

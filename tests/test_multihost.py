@@ -330,11 +330,15 @@ def test_a_process_that_dies_stops_the_other_within_the_heartbeat_timeout(tmp_pa
     assert procs[0].returncode not in (0, -9) and "another task died" in logs[0], logs[0][-3000:]
 
 
-def test_process_flags_need_multihost():
+def test_process_flags_are_checked_before_joining():
     from absl import app
 
     f = types.SimpleNamespace(multihost=False, coordinator=None, num_processes=2, process_id=1)
     with pytest.raises(app.UsageError, match="--num_processes, --process_id describe a multi"):
+        train.start_process(f)
+    f = types.SimpleNamespace(multihost=True, coordinator="localhost:1", num_processes=2,
+                              process_id=2, heartbeat_timeout=5)  # fmt: skip
+    with pytest.raises(app.UsageError, match="--multihost: process_id and num_processes must"):
         train.start_process(f)
 
 

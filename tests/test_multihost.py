@@ -336,10 +336,12 @@ def test_process_flags_are_checked_before_joining():
     f = types.SimpleNamespace(multihost=False, coordinator=None, num_processes=2, process_id=1)
     with pytest.raises(app.UsageError, match="--num_processes, --process_id describe a multi"):
         train.start_process(f)
-    f = types.SimpleNamespace(multihost=True, coordinator="localhost:1", num_processes=2,
-                              process_id=2, heartbeat_timeout=5)  # fmt: skip
-    with pytest.raises(app.UsageError, match="--multihost: process_id and num_processes must"):
-        train.start_process(f)
+    cli = [sys.executable, "-m", "dtpf_jax.train", "--config=configs/teacher.py:smoke",
+           "--multihost", "--coordinator=localhost:1", "--num_processes=2",
+           "--process_id=2"]  # fmt: skip
+    run = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "--multihost: process_id and num_processes must be nonnegative" in run.stderr
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
 if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+# Tests build programs unoptimised (LLVM -O0) with XLA:CPU's classic fusion emitters: values
+# within ~3e-7 of the default build, and a third less CPU for the whole suite (1507 -> 1038 s;
+# a micro training step compiles in 4 s instead of 15). Subprocesses started by tests inherit
+# these flags. The package itself keeps XLA's defaults (faster programs, slower compiles).
+for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+    if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += " " + _flag
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

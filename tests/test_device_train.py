@@ -20,6 +20,7 @@ from dtpf_jax.images import read_image, write_png_atomic
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MIB = 2**20
 # What the device tool brings back: at most 8 files, 16 MiB each, 64 MiB together.
+XLA_FLAGS = os.environ["XLA_FLAGS"]  # conftest's
 OUT_FILE = re.compile(
     r"(run\.log|timing\.json|candidates\.json|speed\.json|student_s\d{5}\.msgpack)"
 )
@@ -56,7 +57,8 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch)
         BUDGET_S="900",
         PROBE_STEPS="2",  # one warm-up, one timed
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_backend_optimization_level=0",  # one device, programs at LLVM -O0
+        # conftest's fast-compiling programs, on one device
+        XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "", XLA_FLAGS),
         # the script calls python3: this interpreter (its venv), whether or not it is activated
         PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
         # the smallest model of every module kind, batch 2; the session's compile cache

@@ -175,10 +175,9 @@ def free_port() -> int:
 def start_pair(root: pathlib.Path, mode: str) -> list[subprocess.Popen]:
     """Processes 0 and 1 of `mode`; their stderr goes to root/stderr_<i>.txt."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (  # as test_train's programs: LLVM -O0, a third less compile
-        "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
-        " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-    )
+    # conftest's XLA_FLAGS (fast-compiling programs, as test_train's), 2 devices a process.
+    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("device_count=4", "device_count=2")
+    assert "device_count=2" in env["XLA_FLAGS"]
     env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir or "")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
@@ -239,7 +238,7 @@ def scenario(tmp_path_factory):
     except BaseException:
         finish(procs, root, timeout=0)
         raise
-    logs, took = finish(procs, root, timeout=600)  # about 60 s on an idle 2-core machine; 330 s seen under load 8
+    logs, took = finish(procs, root, timeout=600)  # idle 2 cores: ~60 s; 330 s seen at load 8
     for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
         assert p.returncode == 0, (
             f"process {i}: exit {p.returncode} after {took[i]:.0f} s\n" + (log[-4000:])

@@ -27,8 +27,8 @@ from dtpf_jax import checkpoint, datasets, export, losses, parallel, train
 from dtpf_jax.report import NonFiniteLossError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Test-only programs build at LLVM -O0: a third less compile time, results within ~1e-7.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# As conftest's XLA_FLAGS (LLVM -O0, classic fusion emitters), for programs built explicitly.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 def load_config(name: str, arg: str = ""):
@@ -473,8 +473,8 @@ def _train_cli(*runs: tuple[str, pathlib.Path, list[str]]) -> list[str]:
     Two at a time: while one process traces (single-threaded Python), the other computes.
     """
     env = dict(os.environ)
-    # As the in-process tests: 4 devices, programs built at LLVM -O0 (a third less compile).
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    # conftest's XLA_FLAGS, as the in-process tests: 4 devices, fast-compiling programs.
+    assert "device_count=4" in env["XLA_FLAGS"] and "optimization_level=0" in env["XLA_FLAGS"]
     env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir or "")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     procs = [

@@ -228,7 +228,7 @@ def test_bad_input_matrix(case, tmp_path, weights, capsys):
     done = [line for line in captured.out.splitlines() if line.startswith("done: ")]
     assert len(done) == 1 and done[0].startswith(("done: 1 image in", "done: 1 image, "))
     if case is case_huge:
-        assert "note: 1 image above" in captured.out and "tiles mode" in captured.out
+        assert "note: 1 image above" in captured.out and "large mode" in captured.out
         assert "1 in tiles" in captured.out
 
 

@@ -169,7 +169,9 @@ def run(
 
 class TileBar:
     """A second bar inside one tiled image: tiles done of total and the time left (shown
-    after a second, so quick images do not flicker)."""
+    after a second, so quick images do not flicker; the first tile's compile counts)."""
+
+    DELAY_S = 1.0
 
     def __init__(self, disable: bool):
         self.disable, self.bar = disable, None
@@ -183,7 +185,9 @@ class TileBar:
                 unit="tile",
                 desc="tiles",
                 leave=False,
-                delay=1.0,
+                delay=self.DELAY_S,
+                mininterval=0,
+                smoothing=0,  # the time left from the mean rate since the image began
                 disable=self.disable,
                 file=sys.stderr,
                 dynamic_ncols=True,

@@ -186,8 +186,22 @@ def restore_train_state(
 
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
+        _check_processes(pathlib.Path(mngr.directory) / str(step) / "data_iter")
         items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def _check_processes(folder: pathlib.Path) -> None:
+    """Each process resumes its own data position: the checkpoint's process count must be ours."""
+    n = jax.process_count()
+    if (folder / f"process_{jax.process_index()}-of-{n}.json").is_file():
+        return
+    saved = sorted({p.name.rsplit("-of-", 1)[1][:-5] for p in folder.glob("process_*-of-*.json")})
+    raise WeightsError(
+        f"{folder.parent}: saved by a run of {' or '.join(saved) or 'an unknown number of'} "
+        f"processes, resumed by {n}: resume it with as many (--multihost), or train in a new "
+        "workdir (--config.init_weights=FILE from `python -m dtpf_jax.export` keeps its network)"
+    )
 
 
 def select_step(mngr: ocp.CheckpointManager, step: int = 0) -> int:

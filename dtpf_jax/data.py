@@ -110,21 +110,31 @@ def make_train_iter(
     global_batch: int,
     seed: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    pairs: Sequence[Pair] | None = None,
 ) -> grain.DatasetIterator:
-    """Endless iterator of training batches (see README); resumable with get_state/set_state."""
+    """Endless iterator of training batches (see README); resumable with get_state/set_state.
+
+    `pairs` defaults to all of cfg.train. Several processes: global batch k is elements
+    [k*B, (k+1)*B) of one shuffled, augmented stream, exactly as one process would read it;
+    process p decodes only its contiguous part [k*B + p*B/n, k*B + (p+1)*B/n), and with `mesh`
+    the parts form one global jax.Array in process order. Crops and flips are drawn by the
+    element's place in the global stream, so no two processes augment alike.
+    """
     n_proc = jax.process_count()
     n_dev = len(mesh.local_devices) if mesh is not None else 1
     if global_batch % (n_proc * n_dev):
         raise ValueError(
             f"global batch {global_batch} is not divisible by {n_proc} processes x {n_dev} devices"
         )
-    pairs = source_pairs(cfg, "train")
+    pairs = source_pairs(cfg, "train") if pairs is None else pairs
     check_pair_sizes(pairs, cfg.crop)
     ds = grain.MapDataset.source(_records(cfg, pairs, names=False))
-    ds = ds.seed(cfg.seed if seed is None else seed)
-    ds = ds.shuffle().repeat()[jax.process_index() :: n_proc]
-    ds = ds.map(LoadPair()).random_map(RandomCropFlip(cfg.crop))
-    ds = ds.batch(global_batch // n_proc, drop_remainder=True)
+    ds = ds.seed(cfg.seed if seed is None else seed).shuffle().repeat()
+    # grain derives the crops' seed from the depth of the pipeline: the whole-stream slice
+    # keeps the depth, hence the crops, of the single-process pipeline before multi-process.
+    ds = ds[:].map(LoadPair()).random_map(RandomCropFlip(cfg.crop))
+    # Lazy: a process reads only the elements of its own slices of the batches.
+    ds = ds.batch(global_batch // n_proc, drop_remainder=True)[jax.process_index() :: n_proc]
     it = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
     )

@@ -5,8 +5,9 @@
 A thin absl main around `train_and_evaluate(config, workdir)`. The workdir (default
 runs/<config.name>) holds config.json, checkpoints/ (orbax: train state + data iterator, best k
 by validation quality + the latest) and tensorboard/; a rerun resumes from the latest step.
-Several hosts: start one process per host with --multihost, which calls
-jax.distributed.initialize() (cluster auto-detection: SLURM, Open MPI, Kubernetes, Cloud TPU).
+Several hosts: one process per host with --multihost, which joins them
+(parallel.init_processes: --coordinator HOST:PORT --num_processes N --process_id I, or what
+the cluster tells: SLURM, Open MPI, Kubernetes, Cloud TPU); the global batch is config.batch_size.
 Text embeddings come from the cache file made beforehand (dtpf_jax.text); CLIP never runs here.
 Stages (config.stage): 'teacher' and 'student' train config.model on the fusion loss (the
 student ignores the text), 'distill' trains the student against a frozen teacher;
@@ -23,6 +24,7 @@ import os
 import pathlib
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +46,6 @@ from dtpf_jax import (
     metrics,
     networks,
     parallel,
-    text,
 )
 from dtpf_jax.infer import Fuser
 from dtpf_jax.report import NonFiniteLossError, Reporter
@@ -368,40 +369,6 @@ def train_pairs(cfg: ml_collections.ConfigDict) -> list[datasets.Pair]:
     return kept
 
 
-def make_train_iter(
-    cfg: ml_collections.ConfigDict,
-    pairs: list[datasets.Pair],
-    *,
-    global_batch: int,
-    seed: int,
-    mesh: jax.sharding.Mesh,
-) -> grain.DatasetIterator:
-    """data.make_train_iter over the given pairs (that one reads cfg.train whole)."""
-    n_proc, n_dev = jax.process_count(), len(mesh.local_devices)
-    if global_batch % (n_proc * n_dev):
-        raise ValueError(
-            f"global batch {global_batch} is not divisible by {n_proc} processes x {n_dev} devices"
-        )
-    data.check_pair_sizes(pairs, cfg.crop)
-    emb, weights = text.pair_priors(cfg, pairs)
-    records = [
-        {"a": p.a, "b": p.b, "text_emb": e, "weights": w}
-        for p, e, w in zip(pairs, emb, weights, strict=True)
-    ]
-    ds = grain.MapDataset.source(records).seed(seed).shuffle().repeat()
-    ds = (
-        ds[jax.process_index() :: n_proc]
-        .map(data.LoadPair())
-        .random_map(data.RandomCropFlip(cfg.crop))
-    )
-    it = ds.batch(global_batch // n_proc, drop_remainder=True).to_iter_dataset(
-        grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
-    )
-    if cfg.num_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    return iter(it.map(functools.partial(parallel.shard_batch, mesh=mesh)))
-
-
 def validate(
     fuser: Fuser, params, val_ds: grain.MapDataset, config: ml_collections.ConfigDict
 ) -> tuple[metrics.Scores, np.ndarray]:
@@ -440,10 +407,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         images.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
+    check_shared_workdir(workdir)
     logging.info(
-        "%s stage, %d devices, global batch %d, workdir %s",
+        "%s stage, %d devices (%d processes), global batch %d, workdir %s",
         config.stage,
         mesh.size,
+        jax.process_count(),
         config.batch_size,
         workdir,
     )
@@ -452,8 +421,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     step_fn = build_step(config, mesh)
     data_cfg = run_data_config(config)
     pairs = train_pairs(data_cfg)
-    train_iter = make_train_iter(
-        data_cfg, pairs, global_batch=config.batch_size, seed=config.seed, mesh=mesh
+    train_iter = data.make_train_iter(
+        data_cfg, global_batch=config.batch_size, seed=config.seed, mesh=mesh, pairs=pairs
     )
     val_ds = data.make_eval_pairs(data_cfg, "val") if config.eval_every else None
     fuser = Fuser(config.model)
@@ -474,6 +443,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     last_good = f"step {start} in {mngr.directory}" if start else "none"
     max_s, t_loop = rates.max_s, time.monotonic()  # max_s: config.max_train_s
     rates.t_loop = t_loop
+    # Time decides the last step and time_cosine's rates: every process must read one clock,
+    # or one would stop and save while the others wait in the next step's all-reduce.
+    shared_clock = max_s > 0 and jax.process_count() > 1
     try:
         for step in range(start + 1, config.steps + 1):
             batch = next(train_iter)
@@ -483,6 +455,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             # Metrics are read one step late so that the device is never idle waiting for us.
             reporter.push(step, step_metrics, last_good, float(lr))
             now = time.monotonic()
+            if shared_clock:
+                now = t_loop + parallel.first_process_value(now - t_loop)
             rates.observe(step, now)
             reporter.total = rates.horizon
             timed_out = max_s > 0 and now - t_loop >= max_s
@@ -514,30 +488,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return reporter.last
 
 
+def check_shared_workdir(workdir: pathlib.Path) -> None:
+    """With several processes: every one must see the config.json process 0 has just written.
+
+    orbax writes the arrays from process 0 and each process's data-iterator position into the
+    one workdir, so a folder on each host's own disk would give checkpoints no run can resume.
+    """
+    parallel.wait_for_all_processes("config.json written")
+    if jax.process_count() > 1 and not (workdir / "config.json").is_file():
+        raise images.DataError(
+            f"{workdir}: process {jax.process_index()} does not see the config.json process 0 "
+            "wrote there; put the workdir on a filesystem every host shares (NFS, a cluster "
+            "filesystem) and pass the same --workdir to every process"
+        )
+
+
+def _fail(message: str) -> None:
+    """Exit with `message`; with several processes at once, without JAX's shutdown barrier.
+
+    The other processes may be waiting in the step's all-reduce for this one: they stop when
+    its heartbeats do (--heartbeat_timeout), saying that another task died. A normal exit
+    would wait for them at the shutdown barrier first, for minutes.
+    """
+    if jax.process_count() == 1:
+        sys.exit(message)
+    print(f"[process {jax.process_index()}] {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """train_and_evaluate for the CLI: known failures end with a one-line error, exit status 1."""
     try:
         train_and_evaluate(config, workdir)
     except NonFiniteLossError as e:
         logging.error("%s", e)
-        sys.exit(f"error: {e}")
+        _fail(f"error: {e}")
     except (images.DataError, checkpoint.WeightsError) as e:
-        sys.exit(f"error: {e}")
+        _fail(f"error: {e}")
+    except Exception:
+        if jax.process_count() == 1:
+            raise
+        traceback.print_exc()
+        _fail("error: this process failed (traceback above); the others stop too")
+
+
+def start_process(f: flags.FlagValues) -> None:
+    """What the CLI does before training: join the other processes, compile cache, logging."""
+    explicit = {"coordinator": f.coordinator, "num_processes": f.num_processes,
+                "process_id": f.process_id}  # fmt: skip
+    if f.multihost:
+        try:
+            parallel.init_processes(**explicit, heartbeat_timeout=f.heartbeat_timeout)
+        except ValueError as e:  # what jax.distributed says of missing or wrong values
+            hint = (
+                ""
+                if None not in explicit.values()
+                else " No cluster detected? Give every process --coordinator HOST:PORT (process "
+                "0's host, a free port), --num_processes N and its --process_id"
+            )
+            raise app.UsageError(f"--multihost: {e}{hint}") from None
+    elif any(v is not None for v in explicit.values()):
+        given = ", ".join(f"--{k}" for k, v in explicit.items() if v is not None)
+        raise app.UsageError(f"{given} describe a multi-process run: add --multihost")
+    if f.compile_cache and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(f.compile_cache))
+    # orbax reports every save at INFO through absl; keep its warnings, drop the chatter.
+    logging.get_absl_logger().addFilter(
+        lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
+    )
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if flags.FLAGS.multihost:
-        jax.distributed.initialize()
-    if flags.FLAGS.compile_cache and not jax.config.jax_compilation_cache_dir:
-        jax.config.update(
-            "jax_compilation_cache_dir", os.path.expanduser(flags.FLAGS.compile_cache)
-        )
-    # orbax reports every save at INFO through absl; keep its warnings, drop the chatter.
-    logging.get_absl_logger().addFilter(
-        lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
-    )
+    start_process(flags.FLAGS)
     config = flags.FLAGS.config
     run(config, flags.FLAGS.workdir or os.path.join("runs", config.name))
 
@@ -549,7 +574,22 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:variants]")
     flags.mark_flag_as_required("config")
     flags.DEFINE_string("workdir", None, "run folder (default runs/<config.name>); resumes")
-    flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (one process/host)")
+    flags.DEFINE_bool(
+        "multihost",
+        False,
+        "one process of a multi-process run (one per host): jax.distributed.initialize(), "
+        "with what is not given below detected (SLURM, Open MPI, Kubernetes, Cloud TPU)",
+    )
+    flags.DEFINE_string("coordinator", None, "with --multihost: HOST:PORT of process 0")
+    flags.DEFINE_integer("num_processes", None, "with --multihost: processes in all", lower_bound=1)
+    flags.DEFINE_integer("process_id", None, "with --multihost: this one, 0..n-1", lower_bound=0)
+    flags.DEFINE_integer(
+        "heartbeat_timeout",
+        100,
+        "with --multihost: seconds after which a process that died is noticed by the others, "
+        "which then stop with an error",
+        lower_bound=1,
+    )
     flags.DEFINE_string(
         "compile_cache",
         "~/.cache/dtpf_jax/jax",

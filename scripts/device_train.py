@@ -54,7 +54,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from dtpf_jax import captions, checkpoint, datasets, export, images, parallel, train
+from dtpf_jax import captions, checkpoint, data, datasets, export, images, parallel, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")
@@ -264,8 +264,8 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) ->
     mesh = parallel.make_mesh()
     data_cfg = train.run_data_config(config)
     pairs = train.train_pairs(data_cfg)
-    batches_it = train.make_train_iter(
-        data_cfg, pairs, global_batch=config.batch_size, seed=config.seed, mesh=mesh
+    batches_it = data.make_train_iter(
+        data_cfg, global_batch=config.batch_size, seed=config.seed, mesh=mesh, pairs=pairs
     )
     batches = [next(batches_it)]
     t_read = time.perf_counter()

@@ -62,16 +62,17 @@ def tiny_model_config(kind: str = "student"):
 
 @pytest.fixture(scope="session")
 def tiny_student():
-    """(config, params) of a tiny student, initialised once per session."""
-    from dtpf_jax import networks
+    """(config, params) of a tiny student, drawn once per session with numpy in PyTorch's
+    default init (`infer.random_params`: no compile, where jitted init takes ~50 s of CPU)."""
+    from dtpf_jax import infer
 
     cfg = tiny_model_config("student")
-    return cfg, networks.init_params(networks.build_model(cfg), jax.random.key(0))
+    return cfg, infer.random_params(cfg, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher():
-    from dtpf_jax import networks
+    from dtpf_jax import infer
 
     cfg = tiny_model_config("teacher")
-    return cfg, networks.init_params(networks.build_model(cfg), jax.random.key(1))
+    return cfg, infer.random_params(cfg, seed=1)

@@ -430,7 +430,8 @@ def test_bits_16_keeps_a_16_bit_infrared(tmp_path, weights, tiny_student, capsys
     want = infer.fuse_images(vis / 255.0, ir16 / 65535.0, model, color="gray") * 65535.0
     assert np.abs(got - want).max() <= 1.0
     coarse = infer.fuse_images(vis / 255.0, np.round(ir16 / 257) / 255, model, color="gray")
-    assert np.abs(got - coarse * 65535).max() > 8  # an 8-bit infrared would show
+    # an 8-bit infrared would show: several times the 16-bit path's rounding (here 4.8 levels)
+    assert np.abs(got - coarse * 65535).max() > 3 * max(1.0, np.abs(got - want).max())
     # RGB at 16 bits: Pillow reads such a PNG at 8 bits, the high byte of each value.
     rgb16 = (np.random.default_rng(4).random((5, 7, 3)) * 65535).astype(np.uint16)
     images.write_png_atomic(tmp_path / "rgb16.png", rgb16)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from dtpf_jax import networks, official
+from dtpf_jax import infer, networks, official
 
 # Test-only programs build at LLVM -O0: a third less compile time, results within ~1e-7.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -106,7 +106,7 @@ def test_remat_changes_neither_outputs_nor_gradients(tiny_student):
     # are rematerialised too: every kind of remat'd module, a third of tiny's compile.
     cfg = tiny_student[0].copy_and_resolve_references()
     cfg.num_blocks, cfg.num_refinement_blocks = (1, 0, 0, 0), 0
-    params = networks.init_params(networks.build_model(cfg), jax.random.key(0))
+    params = infer.random_params(cfg)
     vis = jax.random.uniform(jax.random.key(2), (1, 64, 64, 3))
     ir = jax.random.uniform(jax.random.key(3), (1, 64, 64, 1))
     grads = []

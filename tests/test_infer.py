@@ -86,14 +86,21 @@ def _local_net(v, i, t):
 
 
 def test_large_tiles_reproduce_a_local_net_exactly():
-    vis, ir = _smooth_pair(320, 448)
+    vis, ir = _smooth_pair(320, 448, b=2)
     vis = vis + 0.2 * np.random.default_rng(0).random(vis.shape, np.float32) - 0.1
     calls = []
     out = tiling.large_tiles(
         _local_net, vis, ir, None, 192 * 192, progress=lambda *a: calls.append(a)
     )
-    assert calls == [(k, 6) for k in range(7)]  # 2 x 3 tiles of 192 x 192
+    assert calls == [(k, 12) for k in range(13)]  # 2 images x 2 x 3 tiles of 192 x 192
     np.testing.assert_allclose(out, np.clip(_local_net(vis, ir, None), 0, 1), atol=1e-6)
+    # A frame off the tile grid: the last tiles run past its end (padded) and are cropped
+    # back; away from that border the output is what the net gives on the frame.
+    vis, ir = vis[:, :300, :420], ir[:, :300, :420]
+    out = tiling.large_tiles(_local_net, vis, ir, None, 192 * 192)
+    assert out.shape == (2, 300, 420, 3)
+    want = np.clip(_local_net(vis[:, :256, :384], ir[:, :256, :384], None), 0, 1)
+    np.testing.assert_allclose(out[:, :255, :383], want[:, :255, :383], atol=1e-6)
 
 
 def test_odd_sizes_come_back_at_their_size_and_in_range(tiny_student):

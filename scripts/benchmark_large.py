@@ -1,24 +1,23 @@
-"""Big frames through the fuse CLI: wall time, CPU time and peak RSS, compile included.
+"""Big frames through the fuse CLI, for `scripts/benchmark.py --large`: wall time, CPU time
+and peak RSS, compile included.
 
-    python scripts/benchmark_large.py                                  # 1280x1024 and 4000x3000
-    python scripts/benchmark_large.py --check --sizes 1024x1280 \
-        --pair ../shared/data/m3fd/vi/M3FD_00471.png,../shared/data/m3fd/ir/M3FD_00471.png
+    python scripts/benchmark.py --large --cli-images 0 --models none  # 1280x1024, 4000x3000
+    python scripts/benchmark.py --large 1024x1280 --large-check --cli-images 0 --models none \
+        --large-pair ../shared/data/m3fd/vi/M3FD_00471.png,../shared/data/m3fd/ir/M3FD_00471.png
 
-For each size (HxW), one pair (the demo scene, or --pair resized with Lanczos) goes through
-`python -m dtpf_jax.fuse` in a fresh process, twice: first with an empty compile cache
-(cold: the tile shape compiles), then with the cache it left (warm). Wall seconds, CPU
-seconds (user + system: what the run costs when the 2 cores are not shared) and the peak RSS
-come from the process itself (wait4), the tiles from `tiling.plan_large`. --check also fuses
-the pair in one full-frame pass in this process and says how far the CLI's PNG lies from it
-(8-bit levels, 64 px or more from the image border), for sizes up to --check-pixels (a full
-pass takes about 1.4 GiB a megapixel). The load average is printed: on a shared machine the wall
-time moves with it.
+For each size (HxW), one pair (the demo scene, or --large-pair resized with Lanczos) goes
+through `python -m dtpf_jax.fuse` in a fresh process, twice: first with an empty compile cache
+(cold: the tile shape compiles), then with the cache it left (warm). Wall seconds, CPU seconds
+(user + system: what the run costs when the 2 cores are not shared) and the peak RSS come from
+the process itself (wait4), the tiles from `tiling.plan_large`. --large-check also fuses the
+pair in one full-frame pass in this process and says how far the CLI's PNG lies from it
+(8-bit levels, 64 px or more from the image border), for sizes up to 4 Mpixel (a full pass
+takes about 1.8 GiB a megapixel). The load average is recorded: on a shared machine the wall
+time moves with it, the CPU time much less.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pathlib
 import subprocess
@@ -32,13 +31,15 @@ from PIL import Image
 from dtpf_jax import demo, infer, tiling
 from dtpf_jax.images import write_png_atomic
 
+SIZES = "1024x1280,3000x4000"
 BORDER = 64
+CHECK_PIXELS = 4_000_000
 
 
 def make_pair(h: int, w: int, pair: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The demo scene at h x w, or the files 'VIS,IR' resized to it (uint8 RGB and grey)."""
     if not pair:
-        vis, ir = demo.make_pair(h, w)
-        return vis, ir
+        return demo.make_pair(h, w)
     vis_path, ir_path = pair.split(",")
     return tuple(
         np.asarray(Image.open(p).convert(m).resize((w, h), Image.LANCZOS))
@@ -79,12 +80,15 @@ def deviation(fused: np.ndarray, full: np.ndarray) -> dict:
     }
 
 
-def bench(h: int, w: int, args) -> dict:
-    vis, ir = make_pair(h, w, args.pair)
+def bench(h: int, w: int, pair: str | None = None, check: bool = False) -> dict:
+    """The record of one size: plan, cold and warm fuse runs, and with `check` vs_full."""
+    vis, ir = make_pair(h, w, pair)
     rows, cols = tiling.plan_large(h, w)
     rec = {
+        "model": "student (fuse CLI, large frame)",
         "height": h,
         "width": w,
+        "pair": pair or "demo",
         "mode": infer.pick_mode("auto", h, w),
         "tiles": f"{len(rows.starts)}x{len(cols.starts)} of {rows.length}x{cols.length}",
         "tiled_pixels": round(rows.work * cols.work / (h * w), 3),
@@ -96,7 +100,7 @@ def bench(h: int, w: int, args) -> dict:
         write_png_atomic(root / "ir.png", ir)
         for run in ("cold", "warm"):  # the cold run fills the cache the warm one reads
             rec[run] = fuse_cli(root / "vis.png", root / "ir.png", root / "out", root / "cache")
-        if args.check and h * w <= args.check_pixels:
+        if check and h * w <= CHECK_PIXELS:
             fused = np.asarray(Image.open(root / "out" / "vis.png"))
             full = infer.fuse_images(vis, ir, mode="full", buckets="fine")
             rec["vs_full"] = deviation(fused, full)
@@ -104,23 +108,17 @@ def bench(h: int, w: int, args) -> dict:
     return rec
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="1024x1280,3000x4000", help="HxW list")
-    p.add_argument("--pair", metavar="VIS,IR", help="resize this pair (default: the demo scene)")
-    p.add_argument("--check", action="store_true", help="compare with a full-frame pass")
-    p.add_argument("--check-pixels", type=int, default=4_000_000, metavar="N")
-    p.add_argument("--json", metavar="FILE", help="also write the records as a JSON list")
-    args = p.parse_args(argv)
-    records = []
-    for size in args.sizes.split(","):
-        h, w = (int(x) for x in size.lower().split("x"))
-        records.append(bench(h, w, args))
-        print(json.dumps(records[-1]), flush=True)
-        if args.json:
-            pathlib.Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def table(records: list[dict]) -> str:
+    """One line per big frame: the fuse CLI's cold and warm runs, and the distance to full."""
+    head = f"{'input':<11}{'tiles':>20}{'cold s':>8}{'CPU s':>7}{'warm s':>8}{'CPU s':>7}"
+    head += f"{'peak MiB':>10}{'vs full max / p99.9':>21}{'load':>6}"
+    lines = ["fuse CLI on big frames (fresh processes; cold: empty compile cache)", head]
+    for r in records:
+        c, wm, d = r["cold"], r["warm"], r.get("vs_full")
+        near = f"{d['max']} / {d['p99.9']:g}" if d else "-"
+        peak = max(c["peak_mib"], wm["peak_mib"])
+        lines.append(
+            f"{r['width']}x{r['height']:<6}{r['tiles']:>20}{c['s']:>8.1f}{c['cpu_s']:>7.1f}"
+            f"{wm['s']:>8.1f}{wm['cpu_s']:>7.1f}{peak:>10}{near:>21}{r['load'][0]:>6.1f}"
+        )
+    return "\n".join(lines)

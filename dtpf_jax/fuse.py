@@ -1,7 +1,7 @@
 """Fuse visible + infrared (or CT|PET|SPECT + MRI) pairs into 8- or 16-bit PNGs of the input's size.
 
     python -m dtpf_jax.fuse --vis DIR|FILE --ir DIR|FILE --out DIR [--weights NAME|PATH]
-        [--color rgb|ycbcr|gray] [--mode auto|full|tiles] [--buckets auto|fine|coarse]
+        [--color rgb|ycbcr|gray] [--mode auto|full|tiles|large] [--buckets auto|fine|coarse]
         [--bits 8|16] [--recursive] [--keep-going] [--skip-existing] [--html FILE]
     python -m dtpf_jax.fuse --weights teacher.msgpack --text "Event Type: Low Light ..." ...
     python -m dtpf_jax.fuse              # built-in demo pair -> ./dtpf_demo/ (index.html)
@@ -73,7 +73,8 @@ class Stats:
     programs: int = 0
     cached: int = 0
     compile_s: float = 0.0
-    tiled: int = 0
+    tiled: int = 0  # images in the official 128² tiles
+    large: int = 0  # images in large tiles
 
     @property
     def compiles(self) -> int:
@@ -150,7 +151,9 @@ def run(
                 ahead = pool.submit(_load, jobs[k + 1])
             job_mode = infer.pick_mode(mode, *job.size, threshold)
             stats.tiled += job_mode == "tiles"
-            fused = _fuse_one(job, model, vis, ir, emb, job_mode, tile_batch, buckets)
+            stats.large += job_mode == "large"
+            with TileBar(quiet) as tiles:
+                fused = _fuse_one(job, model, vis, ir, emb, job_mode, tile_batch, buckets, tiles)
             pending.append(pool.submit(_save, job, fused, vis, color, bits))
             while len(pending) > 2:  # bounded: at most 2 finished images wait for their PNG
                 pending.pop(0).result()
@@ -166,19 +169,61 @@ def run(
     return stats
 
 
+class TileBar:
+    """A second bar inside one tiled image: tiles done of total and the time left (shown
+    after a second, so quick images do not flicker; the first tile's compile counts)."""
+
+    DELAY_S = 1.0
+
+    def __init__(self, disable: bool):
+        self.disable, self.bar = disable, None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total,
+                unit="tile",
+                desc="tiles",
+                leave=False,
+                delay=self.DELAY_S,
+                mininterval=0,
+                smoothing=0,  # the time left from the mean rate since the image began
+                disable=self.disable,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _fuse_one(
-    job: Job, model: infer.Model, vis, ir, emb, mode: str, tiles: int, buckets: str
+    job: Job, model: infer.Model, vis, ir, emb, mode: str, tiles: int, buckets: str, progress=None
 ) -> np.ndarray:
     try:
         return model.fuser(
-            model.params, vis, ir, emb, mode=mode, tile_batch=tiles, buckets=buckets
+            model.params,
+            vis,
+            ir,
+            emb,
+            mode=mode,
+            tile_batch=tiles,
+            buckets=buckets,
+            progress=progress,
         )[0]
     except (MemoryError, RuntimeError) as e:
         if "RESOURCE_EXHAUSTED" not in str(e) and not isinstance(e, MemoryError):
             raise
         h, w = job.size
         raise DataError(
-            f"{job.vis}: out of memory at {w}x{h} in {mode} mode; use --mode tiles "
+            f"{job.vis}: out of memory at {w}x{h} in {mode} mode; use --mode large "
             "or a lower --max-full-pixels"
         ) from None
 
@@ -220,15 +265,16 @@ def _parser() -> argparse.ArgumentParser:
         "--mode",
         default="auto",
         choices=infer.MODES,
-        help="full: whole image at once; tiles: official 128² tiles, Gaussian-blended, "
-        "bounded memory; auto (default): full up to --max-full-pixels, else tiles",
+        help="full: whole image at once; tiles: official 128² tiles, Gaussian-blended; "
+        "large: a few large tiles with blended seams, bounded memory, close to full; auto "
+        "(default): full up to --max-full-pixels, else large",
     )
     p.add_argument(
         "--max-full-pixels",
         type=int,
         default=None,
         metavar="N",
-        help="mode auto: tiles above N pixels (default $DTPF_MAX_FULL_PIXELS or "
+        help="mode auto: large tiles above N pixels (default $DTPF_MAX_FULL_PIXELS or "
         f"{infer.MAX_FULL_PIXELS}; 0 = never)",
     )
     p.add_argument("--tile-batch", type=int, default=16, metavar="N", help="tiles per call")
@@ -319,12 +365,12 @@ def fuse_main(args) -> int:
     embs = text_embeddings(args, model, todo)
     prepare_out(out, todo)
     threshold = infer.max_full_pixels() if args.max_full_pixels is None else args.max_full_pixels
-    big = [j for j in todo if infer.pick_mode(args.mode, *j.size, threshold) == "tiles"]
+    big = [j for j in todo if infer.pick_mode(args.mode, *j.size, threshold) == "large"]
     if big and args.mode == "auto":
         print(
             f"note: {_count(len(big), 'image')} above {threshold} pixels run in "
-            f"tiles mode (bounded memory), e.g. {big[0].vis}; --max-full-pixels N changes the "
-            "threshold"
+            f"large mode (overlapping tiles, bounded memory), e.g. {big[0].vis}; "
+            "--max-full-pixels N changes the threshold"
         )
     buckets = args.buckets
     if buckets == "auto":
@@ -356,7 +402,8 @@ def fuse_main(args) -> int:
         if stats.images > stats.programs
         else ""
     )
-    tiled = f", {stats.tiled} in tiles" if stats.tiled else ""
+    tiled = f", {stats.tiled} in 128² tiles" if stats.tiled else ""
+    tiled += f", {stats.large} in large tiles" if stats.large else ""
     kept = len(jobs) - len(todo)
     kept = f", {kept} done before and kept (--skip-existing)" if kept else ""
     print(

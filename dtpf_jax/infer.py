@@ -1,9 +1,10 @@
 """Jitted fusion for any image size: reflect-pad to a shape bucket, run, crop back.
 
-Two modes: 'full' (the whole padded image at once) and 'tiles' (the official sliding
-window: 128x128 tiles at stride 64, blended with a Gaussian of sigma 32). Padding and
-cropping happen on the host, so the jitted network only ever sees bucket shapes and a folder
-of mixed sizes compiles once per bucket.
+Modes: 'full' (the whole padded image at once), 'tiles' (the official sliding window: 128x128
+tiles at stride 64, blended with a Gaussian of sigma 32) and 'large' (a big frame in a few
+large tiles with linearly blended seams: bounded memory, close to 'full'; `tiling`). Padding
+and cropping happen on the host, so the jitted network only ever sees bucket (or tile) shapes
+and a folder of mixed sizes compiles once per bucket.
 
 Library API (numpy / PIL in and out):
 
@@ -16,6 +17,7 @@ Library API (numpy / PIL in and out):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -30,13 +32,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from dtpf_jax import color as colorspace
-from dtpf_jax import networks
+from dtpf_jax import networks, tiling
 from dtpf_jax.networks import build_model
-
-TILE = 128
-STRIDE = 64
-SIGMA = 32.0
-
 
 BUCKETS = ("coarse", "fine")
 FINE_MULTIPLE = 32
@@ -76,11 +73,6 @@ def choose_buckets(sizes: Sequence[tuple[int, int]]) -> str:
     return "fine" if cost("fine") <= cost("coarse") else "coarse"
 
 
-def _reflect_pad(x: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Pad (B, H, W, C) at the bottom/right to (B, h, w, C) by reflection."""
-    return np.pad(x, ((0, 0), (0, h - x.shape[1]), (0, w - x.shape[2]), (0, 0)), mode="reflect")
-
-
 class Fuser:
     """Holds one jitted forward per model config; `trace_count` counts compilations."""
 
@@ -112,10 +104,13 @@ class Fuser:
         mode: str = "full",
         tile_batch: int = 16,
         buckets: str = "coarse",
+        progress: tiling.Progress | None = None,
+        tile_pixels: int = tiling.LARGE_TILE_PIXELS,
     ):
         """vis (B, H, W, 3), ir (B, H, W, 1) float in [0, 1] -> fused (B, H, W, 3) in [0, 1].
 
-        Mode 'full' pads to the shape bucket (`bucket_size`) of `buckets`.
+        Mode 'full' pads to the shape bucket (`bucket_size`) of `buckets`; 'large' runs tiles
+        of at most `tile_pixels`. progress(done, total) is called after each tile.
         """
         vis, ir = _as_batch(vis, 3), _as_batch(ir, 1)
         if vis.shape[:3] != ir.shape[:3]:
@@ -123,58 +118,19 @@ class Fuser:
         text = self._text(text_emb, vis.shape[0])
         if mode == "full":
             return self._full(params, vis, ir, text, buckets)
+        run = functools.partial(self._apply, params)
         if mode == "tiles":
-            return self._tiles(params, vis, ir, text, tile_batch)
-        raise ValueError(f"unknown mode {mode!r}; use 'full' or 'tiles'")
+            return tiling.official_tiles(run, vis, ir, text, tile_batch, progress)
+        if mode == "large":
+            return tiling.large_tiles(run, vis, ir, text, tile_pixels, progress=progress)
+        raise ValueError(f"unknown mode {mode!r}; use 'full', 'tiles' or 'large'")
 
     def _full(self, params, vis, ir, text, buckets):
         b, h, w, _ = vis.shape
         hp, wp = bucket_size(h, buckets), bucket_size(w, buckets)
-        out = self._apply(params, _reflect_pad(vis, hp, wp), _reflect_pad(ir, hp, wp), text)
+        pad = tiling.reflect_pad
+        out = self._apply(params, pad(vis, hp, wp), pad(ir, hp, wp), text)
         return np.asarray(out)[:, :h, :w]
-
-    def _tiles(self, params, vis, ir, text, tile_batch):
-        b, h, w, _ = vis.shape
-        hp, wp = max(h, TILE), max(w, TILE)
-        vis, ir = _reflect_pad(vis, hp, wp), _reflect_pad(ir, hp, wp)
-        weight = gaussian_window(TILE, SIGMA)[..., None]
-        acc = np.zeros((b, hp, wp, 3), np.float64)
-        norm = np.zeros((hp, wp, 1), np.float64)
-        boxes = [(y, x) for y in tile_starts(hp) for x in tile_starts(wp)]
-        for i in range(b):
-            for k in range(0, len(boxes), tile_batch):
-                chunk = boxes[k : k + tile_batch]
-                n = len(chunk)
-                # Pad the last chunk to a full batch: one compiled shape for all chunks.
-                chunk_full = chunk + [chunk[-1]] * (tile_batch - n)
-                tv = np.stack([vis[i, y : y + TILE, x : x + TILE] for y, x in chunk_full])
-                ti = np.stack([ir[i, y : y + TILE, x : x + TILE] for y, x in chunk_full])
-                tt = None if text is None else np.repeat(text[i : i + 1], tile_batch, 0)
-                out = np.asarray(self._apply(params, tv, ti, tt))[:n]
-                for (y, x), o in zip(chunk, out, strict=True):
-                    acc[i, y : y + TILE, x : x + TILE] += o * weight
-                    if i == 0:
-                        norm[y : y + TILE, x : x + TILE] += weight
-        # The official code divides by (norm + 1e-6); with fspecial weights (peak ~1.6e-4)
-        # that darkens the output by ~0.7 % inside and by far more at the image corners.
-        fused = acc / np.maximum(norm, np.finfo(np.float64).tiny)
-        return np.clip(fused[:, :h, :w], 0.0, 1.0).astype(np.float32)
-
-
-def tile_starts(n: int, tile: int = TILE, stride: int = STRIDE) -> list[int]:
-    """Tile offsets at `stride`, plus one flush with the end to cover the remainder."""
-    starts = list(range(0, n - tile + 1, stride))
-    if starts[-1] != n - tile:
-        starts.append(n - tile)
-    return starts
-
-
-def gaussian_window(size: int, sigma: float) -> np.ndarray:
-    """MATLAB fspecial('gaussian'): normalised to sum 1, tiny entries zeroed."""
-    ax = np.arange(size) - (size - 1) / 2.0
-    g = np.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * sigma**2))
-    g[g < np.finfo(np.float64).eps * g.max()] = 0
-    return g / g.sum()
 
 
 def _as_batch(x, channels: int) -> np.ndarray:
@@ -220,10 +176,10 @@ SHIPPED_STUDENTS = {
 DEFAULT_STUDENT = SHIPPED_STUDENTS["student"]
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 UNTRAINED_WARNING = "no trained weights ship yet: output is from an untrained network"
-# Above this many input pixels mode 'auto' runs tiles: network memory then no longer grows
-# with the image (env DTPF_MAX_FULL_PIXELS overrides; 0 = never switch).
+# Above this many input pixels mode 'auto' runs large tiles: network memory then no longer
+# grows with the image (env DTPF_MAX_FULL_PIXELS overrides; 0 = never switch).
 MAX_FULL_PIXELS = 1 << 20
-MODES = ("auto", "full", "tiles")
+MODES = ("auto", "full", "tiles", "large")
 COLORS = ("rgb", "ycbcr", "gray")
 
 
@@ -336,13 +292,13 @@ def max_full_pixels() -> int:
 
 
 def pick_mode(mode: str, height: int, width: int, threshold: int | None = None) -> str:
-    """'full' or 'tiles' for an image; 'auto' switches to tiles above the pixel threshold."""
+    """The mode an image runs in; 'auto' switches from 'full' to 'large' above the threshold."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if mode != "auto":
         return mode
     limit = max_full_pixels() if threshold is None else threshold
-    return "tiles" if limit and height * width > limit else "full"
+    return "large" if limit and height * width > limit else "full"
 
 
 def apply_color(fused: np.ndarray, vis: np.ndarray, color: str) -> np.ndarray:
@@ -399,6 +355,7 @@ def fuse_images(
     color: str = "rgb",
     clip: str = DEFAULT_CLIP,
     buckets: str = "coarse",
+    progress: tiling.Progress | None = None,
 ):
     """Fuse one pair (PIL images, image file paths, (H, W[, C]) arrays) or a batch
     ((B, H, W, C) arrays).
@@ -409,6 +366,8 @@ def fuse_images(
     input, else uint8; (H, W, 3), or (H, W) for color='gray'.
     buckets: 'coarse' (default; few compiled shapes when called over images of many sizes)
     or 'fine' (less padding: faster for images of one size, e.g. 480x640 runs unpadded).
+    mode: 'full', 'tiles', 'large' or 'auto' ('large' above MAX_FULL_PIXELS); progress(done,
+    total) is called after each tile of 'tiles' and 'large'.
     """
     from PIL import Image
 
@@ -421,7 +380,7 @@ def fuse_images(
         raise ValueError(f"visible {v.shape[:3]} and infrared {i.shape[:3]} sizes differ")
     emb = text_embedding(model, text, v.shape[0], clip)
     run_mode = pick_mode(mode, v.shape[1], v.shape[2])
-    fused = model.fuser(model.params, v, i, emb, mode=run_mode, buckets=buckets)
+    fused = model.fuser(model.params, v, i, emb, mode=run_mode, buckets=buckets, progress=progress)
     out = apply_color(fused, v, color)
     out = out[0] if single else out
     if floats:

@@ -4,6 +4,7 @@
     python scripts/benchmark.py --json bench.json       # the full grid (long on a 2-core CPU)
     python scripts/benchmark.py --quick --malloc-tuned  # the same under the CLIs' malloc setting
     python scripts/benchmark.py --batches 1,16 --no-flops --max-s 150 --json speed.json  # a GPU
+    python scripts/benchmark.py --models '' --cli-images 0 --large  # 1280x1024 and 4000x3000
 
 For each model x size x batch x dtype: parameters, FLOPs as XLA reports them
 (`jax.jit(f).lower(...).compile().cost_analysis()`, all ops, not only conv/matmul, of the
@@ -31,6 +32,10 @@ Runs unchanged on a GPU (no transformers, no training stack); the CLI figure nee
 --max-s starts no configuration after that many seconds; --no-flops skips the cost analysis
 (a second compile per configuration); --tiny measures models of dim 8 without transformer
 blocks, for rehearsals of a GPU command on a CPU.
+
+--large [HxW,...] times big frames (default 1024x1280 and 3000x4000) through the fuse CLI in
+fresh processes, cold and warm, with CPU time and peak RSS (`benchmark_large`, beside this
+script); --large-check adds the distance to a full-frame pass, --large-pair a real pair.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import sys
 import tempfile
 import time
 
+import benchmark_large
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -389,6 +395,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tiny", action="store_true", help="dim 8, no blocks: for rehearsals only")
     p.add_argument(
+        "--large",
+        nargs="?",
+        const=benchmark_large.SIZES,
+        default="",
+        metavar="HxW,...",
+        help=f"big frames through the fuse CLI, cold and warm (default {benchmark_large.SIZES})",
+    )
+    p.add_argument("--large-pair", metavar="VIS,IR", help="resize this pair (default: demo)")
+    p.add_argument(
+        "--large-check", action="store_true", help="big frames: distance to a full-frame pass"
+    )
+    p.add_argument(
         "--malloc-tuned", action="store_true", help="re-run under the CLIs' dtpf_jax.malloc.TUNED"
     )
     args = p.parse_args(argv)
@@ -447,12 +465,21 @@ def main(argv: list[str] | None = None) -> int:
             records.append(rec)
         except ImportError as e:
             print(f"fuse CLI figure skipped: {e}")
-    for r in records:
+    large = []
+    for h, w in map(_size, _list(args.large)):
+        large.append(benchmark_large.bench(h, w, args.large_pair, args.large_check))
+        print(json.dumps(large[-1]), flush=True)
+        if args.json:
+            write_json(args.json, records + large)
+    for r in records + large:
         r.update(device=device, glibc_tunables=env)
     print()
-    print(table(records, cpu=jax.devices()[0].platform == "cpu"))
+    if records:
+        print(table(records, cpu=jax.devices()[0].platform == "cpu"))
+    if large:
+        print(benchmark_large.table(large))
     if args.json:
-        write_json(args.json, records)
+        write_json(args.json, records + large)
         print(f"records: {args.json}")
     return 0
 

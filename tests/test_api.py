@@ -74,7 +74,7 @@ def test_colors_and_modes(student):
         color.rgb_to_ycbcr(vis / 255.0)[kept][:, 1:],
         atol=1e-5,
     )
-    assert infer.pick_mode("auto", 100, 100, threshold=5000) == "tiles"
+    assert infer.pick_mode("auto", 100, 100, threshold=5000) == "large"
     assert infer.pick_mode("auto", 100, 100, threshold=0) == "full"
     assert infer.pick_mode("auto", 10, 10, threshold=5000) == "full"
     with pytest.raises(ValueError, match="unknown color"):

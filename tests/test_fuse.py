@@ -121,9 +121,9 @@ def case_unwritable_out(root):
     return ["--out", str(root / "file.txt" / "sub")], 2, "cannot write"
 
 
-def case_huge(root):
-    _save(root / "vis" / "a.png", _vis(100, 150))
-    _save(root / "ir" / "a.png", _ir(100, 150))
+def case_huge(root):  # auto runs it as one large tile of 128², the shape test_infer compiles
+    _save(root / "vis" / "a.png", _vis(100, 120))
+    _save(root / "ir" / "a.png", _ir(100, 120))
     return ["--max-full-pixels", "10000", "--tile-batch", "2"], 0, ""
 
 
@@ -228,8 +228,8 @@ def test_bad_input_matrix(case, tmp_path, weights, capsys):
     done = [line for line in captured.out.splitlines() if line.startswith("done: ")]
     assert len(done) == 1 and done[0].startswith(("done: 1 image in", "done: 1 image, "))
     if case is case_huge:
-        assert "note: 1 image above" in captured.out and "tiles mode" in captured.out
-        assert "1 in tiles" in captured.out
+        assert "note: 1 image above" in captured.out and "large mode" in captured.out
+        assert "1 in large tiles" in captured.out and "128² tiles" not in captured.out
 
 
 def read_size(folder: pathlib.Path) -> tuple[int, int]:
@@ -448,7 +448,7 @@ def test_compile_summary_counts_cache_loads_and_build_time_only(
 
     import jax
 
-    vis, ir = _vis(100, 150), _ir(100, 150)  # the tiles of case_huge
+    vis, ir = _vis(100, 150), _ir(100, 150)
     _save(tmp_path / "vis" / "a.png", vis)
     _save(tmp_path / "ir" / "a.png", ir)
     args = ["--vis", str(tmp_path / "vis"), "--ir", str(tmp_path / "ir"), "--quiet"]
@@ -463,7 +463,7 @@ def test_compile_summary_counts_cache_loads_and_build_time_only(
 
     model = infer.Model(tiny_student[1], tiny_student[0], "tiny student")
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    try:  # built before in this session (case_huge) or now: in the persistent cache either way
+    try:  # built now or in an earlier session: in the persistent cache either way
         model.fuser(model.params, vis / 255.0, ir / 255.0, mode="tiles", tile_batch=2)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(infer, "_FUSERS", {})  # a fresh jit: the program is built once more
@@ -476,3 +476,16 @@ def test_compile_summary_counts_cache_loads_and_build_time_only(
     build = float(re.search(r"buckets\), ([\d.]+) s", out[-2]).group(1))
     total = float(re.search(r"in ([\d.]+) s", out[-1]).group(1))
     assert total - build >= 0.4, out  # the 0.5 s, less the rounding to 0.1 s
+
+
+def test_tile_bar_shows_tiles_done_of_total_and_the_time_left(monkeypatch, capsys):
+    monkeypatch.setattr(fuse.TileBar, "DELAY_S", 0.0)
+    with fuse.TileBar(disable=False) as bar:
+        for done in (0, 1, 2, 3):
+            bar(done, 3)
+    err = capsys.readouterr().err
+    assert re.search(r"tiles: +33%.* 1/3 \[\d\d:\d\d<\d\d:\d\d", err), err  # elapsed<left
+    assert " 3/3 " in err
+    with fuse.TileBar(disable=True) as bar:  # --quiet
+        bar(1, 3)
+    assert capsys.readouterr().err == ""

@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dtpf_jax import infer, networks
+from dtpf_jax import infer, networks, tiling
 
 
 def _smooth_pair(h, w, b=1):
@@ -44,10 +44,63 @@ def test_choose_buckets_weighs_compiles_against_padding():
 
 
 def test_tile_starts_cover_the_image():
-    assert infer.tile_starts(128) == [0]
-    assert infer.tile_starts(300) == [0, 64, 128, 172]
-    starts = infer.tile_starts(480)
-    assert starts[-1] + infer.TILE == 480 and len(starts) == 7  # 7 x 9 = 63 windows at 480x640
+    assert tiling.tile_starts(128) == [0]
+    assert tiling.tile_starts(300) == [0, 64, 128, 172]
+    starts = tiling.tile_starts(480)
+    assert starts[-1] + tiling.TILE == 480 and len(starts) == 7  # 7 x 9 = 63 windows at 480x640
+
+
+@pytest.mark.parametrize("h, w", [(1024, 1280), (3000, 4000), (1080, 1920), (300, 5000), (70, 90)])
+def test_large_tiles_cover_the_frame_on_the_window_grid(h, w):
+    rows, cols = tiling.plan_large(h, w)
+    assert rows.length * cols.length <= tiling.LARGE_TILE_PIXELS
+    for axis, n in ((rows, h), (cols, w)):
+        starts = np.array(axis.starts)
+        assert starts[0] == 0 and starts[-1] + axis.length >= n and starts[-1] < n
+        assert (starts % tiling.ALIGN == 0).all() and axis.length % networks.SIZE_MULTIPLE == 0
+        seams = axis.length - np.diff(starts)
+        assert (seams >= tiling.LARGE_OVERLAP).all() and (seams <= axis.length / 2).all()
+        weights = tiling.seam_weights(axis, n)
+        total = np.zeros(starts[-1] + axis.length)
+        for s, wt in zip(starts, weights, strict=True):
+            total[s : s + axis.length] += wt
+            inner = [] if s == 0 else [0]  # a tile's first pixels after a seam's start
+            assert all(wt[i] == 0 for i in inner)
+        np.testing.assert_allclose(total[:n], 1.0, atol=1e-12)  # a partition of unity
+    # Few extra pixels: the two benchmark sizes run at most 20 % more than the frame.
+    if (h, w) in ((1024, 1280), (3000, 4000)):
+        assert rows.work * cols.work <= 1.2 * h * w
+
+
+def _local_net(v, i, t):
+    """A 3x3 box filter plus 64x64 block means from the tile's origin (window attention's
+    grid at level 4): large tiles reproduce it exactly only on the full frame's grid."""
+    x = 0.6 * np.asarray(v) + 0.4 * np.asarray(i)
+    b, h, w, c = x.shape
+    p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    box = sum(p[:, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)) / 9
+    blocks = x.reshape(b, h // 64, 64, w // 64, 64, c).mean((2, 4), keepdims=True)
+    return 0.5 * box + 0.5 * np.broadcast_to(blocks, (b, h // 64, 64, w // 64, 64, c)).reshape(
+        x.shape
+    )
+
+
+def test_large_tiles_reproduce_a_local_net_exactly():
+    vis, ir = _smooth_pair(320, 448, b=2)
+    vis = vis + 0.2 * np.random.default_rng(0).random(vis.shape, np.float32) - 0.1
+    calls = []
+    out = tiling.large_tiles(
+        _local_net, vis, ir, None, 192 * 192, progress=lambda *a: calls.append(a)
+    )
+    assert calls == [(k, 12) for k in range(13)]  # 2 images x 2 x 3 tiles of 192 x 192
+    np.testing.assert_allclose(out, np.clip(_local_net(vis, ir, None), 0, 1), atol=1e-6)
+    # A frame off the tile grid: the last tiles run past its end (padded) and are cropped
+    # back; away from that border the output is what the net gives on the frame.
+    vis, ir = vis[:, :300, :420], ir[:, :300, :420]
+    out = tiling.large_tiles(_local_net, vis, ir, None, 192 * 192)
+    assert out.shape == (2, 300, 420, 3)
+    want = np.clip(_local_net(vis[:, :256, :384], ir[:, :256, :384], None), 0, 1)
+    np.testing.assert_allclose(out[:, :255, :383], want[:, :255, :383], atol=1e-6)
 
 
 def test_odd_sizes_come_back_at_their_size_and_in_range(tiny_student):
@@ -106,12 +159,20 @@ def test_tiles_and_full_agree_on_a_smooth_image(tiny_student):
     fuse = infer.Fuser(cfg)
     vis, ir = _smooth_pair(192, 256)
     full = fuse(params, vis, ir, mode="full")
-    tiles = fuse(params, vis, ir, mode="tiles", tile_batch=6)
-    assert tiles.shape == full.shape == (1, 192, 256, 3)
+    calls = []
+    tiles = fuse(params, vis, ir, mode="tiles", tile_batch=6, progress=lambda *a: calls.append(a))
+    assert calls == [(0, 6), (6, 6)]  # 2 x 3 tiles of 128², in one call
+    # 2 x 3 large tiles of 128² (the shape compiled by test_jit_compiles_once_per_bucket).
+    large = fuse(
+        params, vis, ir, mode="large", tile_pixels=128 * 128, progress=lambda *a: calls.append(a)
+    )
+    assert calls[2:] == [(k, 6) for k in range(7)]
+    assert tiles.shape == large.shape == full.shape == (1, 192, 256, 3)
     # A random net has global context (channel attention), so tiles only approximate the
     # full image; they must still be far closer to it than the net's change to its input.
-    gap = np.abs(full - tiles).mean()
-    assert gap < 0.05 and gap < 0.35 * np.abs(full - vis).mean()  # here 0.031 and 0.23
+    for out in (tiles, large):
+        gap = np.abs(full - out).mean()
+        assert gap < 0.05 and gap < 0.35 * np.abs(full - vis).mean()  # tiles: 0.031 and 0.23
 
 
 def test_teacher_needs_text(tiny_teacher):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import unflatten_dict
 
 from dtpf_jax import color as colorspace
 from dtpf_jax import networks, tiling
@@ -208,8 +208,7 @@ def random_params(model_cfg: ml_collections.ConfigDict, seed: int = 0):
     `networks.init_params` would compile the random initialisers of every tensor: about 90 s
     for the official student on 2 CPU cores, versus about 2 s of tracing here.
     """
-    model = build_model(model_cfg)
-    shapes = flatten_dict(jax.eval_shape(lambda: networks.init_params(model, jax.random.key(0))))
+    shapes = networks.param_shapes(model_cfg)
     rng, out = np.random.default_rng(seed), {}
     for path, leaf in sorted(shapes.items()):
         name, shape = path[-1], tuple(leaf.shape)

@@ -83,3 +83,23 @@ def tiny_teacher():
 
     cfg = tiny_model_config("teacher")
     return cfg, infer.random_params(cfg, seed=1)
+
+
+# The costliest files first (their CPU seconds in a clean run, 2026-12-04): with `--dist
+# loadfile --no-loadscope-reorder` (pyproject) the two workers take files in this order as
+# they come free, so no long file starts last and leaves the other worker idle.
+HEAVY_FIRST = (
+    "test_train.py",  # 300: the 4-device step programs, four training CLIs
+    "test_fuse.py",  # 105
+    "test_device_train.py",  # 70: the GPU command in its smoke form
+    "test_multihost.py",  # 70: two training processes
+    "test_finetune_head.py",  # 65
+    "test_networks.py",  # 60
+    "test_infer.py",  # 50
+    "test_convert.py",  # 40
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: else as collected

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dtpf_jax import checkpoint, datasets, images, infer, losses, networks
+from dtpf_jax import checkpoint, datasets, images, infer, losses, networks, tiling
 from dtpf_jax.attention import AttentionFusion, TransformerBlock
 from dtpf_jax.blocks import Conv3x3
 
@@ -149,8 +149,8 @@ def cache_features(model: infer.Model, pairs: list[datasets.Pair], part: str = "
         hp, wp = infer.bucket_size(h, "fine"), infer.bucket_size(w, "fine")
         f = fn(
             model.params,
-            infer._reflect_pad(vis[None], hp, wp),
-            infer._reflect_pad(ir[None], hp, wp),
+            tiling.reflect_pad(vis[None], hp, wp),
+            tiling.reflect_pad(ir[None], hp, wp),
         )
         frames.append((np.asarray(f[0, :h, :w], np.float16), vis, ir))
         log.info("features %d/%d: %s", k + 1, len(pairs), p.name)

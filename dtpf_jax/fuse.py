@@ -222,10 +222,12 @@ def _fuse_one(
         if "RESOURCE_EXHAUSTED" not in str(e) and not isinstance(e, MemoryError):
             raise
         h, w = job.size
-        raise DataError(
-            f"{job.vis}: out of memory at {w}x{h} in {mode} mode; use --mode large "
-            "or a lower --max-full-pixels"
-        ) from None
+        hint = (
+            "--mode tiles (128² tiles: the least memory, slower)"
+            if mode == "large"
+            else "--mode large or a lower --max-full-pixels"
+        )
+        raise DataError(f"{job.vis}: out of memory at {w}x{h} in {mode} mode; use {hint}") from None
 
 
 def _parser() -> argparse.ArgumentParser:

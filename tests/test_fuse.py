@@ -489,3 +489,20 @@ def test_tile_bar_shows_tiles_done_of_total_and_the_time_left(monkeypatch, capsy
     with fuse.TileBar(disable=True) as bar:  # --quiet
         bar(1, 3)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("mode", "hint"),
+    [("full", "--mode large"), ("large", "--mode tiles"), ("tiles", "--mode large")],
+)
+def test_out_of_memory_names_a_mode_with_less_memory(mode, hint, tmp_path, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while trying to allocate")
+
+    monkeypatch.setattr(infer.Model, "fuser", property(lambda self: exhausted))
+    model = infer.Model(params={}, config=tiny_model_config("student"), source="test")
+    job = plan.Job("a", tmp_path / "a.png", tmp_path / "b.png", tmp_path / "out.png", (600, 800))
+    with pytest.raises(
+        fuse.DataError, match=rf"a\.png: out of memory at 800x600 in {mode} mode; use {hint}"
+    ):
+        fuse._fuse_one(job, model, None, None, None, mode, 16, "coarse")

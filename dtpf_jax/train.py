@@ -400,8 +400,16 @@ def run_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     return cfg
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Train config.stage in workdir, resuming from its latest checkpoint; the last metrics."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    step_fn: Callable | None = None,
+) -> dict:
+    """Train config.stage in workdir, resuming from its latest checkpoint; the last metrics.
+
+    step_fn: the train step already built (and compiled) for config, as build_step makes it
+    (scripts/device_train.py hands in its probe's program: no second trace on a GPU).
+    """
     workdir = pathlib.Path(workdir).resolve()
     mesh = parallel.make_mesh()
     if jax.process_index() == 0:
@@ -418,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     )
     rates = LearningRates(config, t_loop=0.0)  # a bad schedule fails here, before any loading
     frozen = (load_teacher(config, mesh),) if config.stage == "distill" else ()
-    step_fn = build_step(config, mesh)
+    step_fn = step_fn or build_step(config, mesh)
     data_cfg = run_data_config(config)
     pairs = train_pairs(data_cfg)
     train_iter = data.make_train_iter(

@@ -41,6 +41,7 @@ script); --large-check adds the distance to a full-frame pass, --large-pair a re
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -122,6 +123,14 @@ def one_piece_cost(fwd, args) -> dict:
 
 def bench_one(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
     """Params, XLA FLOPs, compile time, median latency and memory of one configuration."""
+    prep = prepare(kind, h, w, batch, dtype, args)
+    t0 = time.perf_counter()
+    compiled = prep["lowered"].compile()
+    return measure(prep, compiled, prep["lower_s"] + time.perf_counter() - t0, args)
+
+
+def prepare(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
+    """One configuration's weights and inputs on the device and its traced, lowered forward."""
     cfg = networks.model_config(kind)
     cfg.dtype = dtype
     if args.tiny:  # the tests' smallest: every module kind but the transformer blocks
@@ -142,9 +151,22 @@ def bench_one(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
         return model.apply({"params": p}, pad(v), pad(i), t)[:, :h, :w].astype(jnp.float32)
 
     t0 = time.perf_counter()
-    compiled = jax.jit(fwd).lower(params, vis, ir, text).compile()
-    compile_s = time.perf_counter() - t0
-    cost = one_piece_cost(fwd, (params, vis, ir, text)) if args.flops else {}
+    lowered = jax.jit(fwd).lower(params, vis, ir, text)
+    return {
+        "key": (kind, h, w, batch, dtype),
+        "fwd": fwd,
+        "inputs": (params, vis, ir, text),
+        "lowered": lowered,
+        "lower_s": time.perf_counter() - t0,
+        "padded": f"{hp}x{wp}",
+    }
+
+
+def measure(prep: dict, compiled, compile_s: float, args) -> dict:
+    """Time a configuration's compiled forward: its record (compile_s: trace + lower + compile)."""
+    kind, h, w, batch, dtype = prep["key"]
+    params, vis, ir, text = prep["inputs"]
+    cost = one_piece_cost(prep["fwd"], prep["inputs"]) if args.flops else {}
     peak_reset()  # after compiling: XLA's compiler alone can take more memory than a call
     mem = compiled.memory_analysis()
     planned = (
@@ -172,10 +194,78 @@ def bench_one(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
         "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
         "gflops": round(float(cost.get("flops", float("nan"))) / 1e9, 3) if cost else None,
         "runs": len(times),
-        "padded": f"{hp}x{wp}",
+        "padded": prep["padded"],
         "xla_mb": round(planned / 2**20, 1),
         "peak_mb": round(peak_mb(), 1),
     }
+
+
+def configurations(grid: list, args, t0: float):
+    """(key, record) per configuration in grid order; stops at --max-s.
+
+    --compile-threads N: configurations are traced here and compiled in N threads, up to N
+    ahead of the one being timed (XLA compiles outside the GIL; a GPU compile is mostly host
+    work: 34 s for the student at 128² on the H200). A record then says how many compiles ran
+    beside its timed calls ("compiles_beside"), and its compile_s is wall time in a shared pool.
+    """
+
+    def failed(key, e):
+        return dict(zip(("model", "height", "width", "batch", "dtype"), key, strict=True)) | {
+            "error": f"{type(e).__name__}: {str(e)[:300]}"
+        }
+
+    def late(key):
+        if args.max_s and time.perf_counter() - t0 > args.max_s:
+            kind, h, w, batch, dtype = key
+            print(f"--max-s {args.max_s:g}: {kind} {h}x{w} batch {batch} {dtype} and after skipped")
+            return True
+        return False
+
+    if not args.compile_threads:
+        for key in grid:
+            if late(key):
+                return
+            try:
+                rec = bench_one(*key, args)
+            except Exception as e:  # e.g. out of memory: the configurations after it still run
+                rec = failed(key, e)
+            yield key, rec
+        return
+
+    def compile_timed(lowered):
+        t = time.perf_counter()
+        return lowered.compile(), time.perf_counter() - t
+
+    pool = concurrent.futures.ThreadPoolExecutor(args.compile_threads)
+    ahead, todo = [], list(grid)  # ahead: (key, prep or exception, future or None)
+    try:
+        while todo or ahead:
+            while todo and len(ahead) < args.compile_threads:
+                if late(todo[0]):
+                    todo = []
+                    break
+                key = todo.pop(0)
+                try:
+                    prep = prepare(*key, args)
+                    ahead.append((key, prep, pool.submit(compile_timed, prep["lowered"])))
+                except Exception as e:
+                    ahead.append((key, e, None))
+            if not ahead:
+                return
+            key, prep, fut = ahead.pop(0)
+            try:
+                if fut is None:
+                    raise prep
+                compiled, compile_s = fut.result()
+                beside = sum(not f.done() for _, _, f in ahead if f is not None)
+                rec = measure(prep, compiled, prep["lower_s"] + compile_s, args)
+                rec.update(compile_threads=args.compile_threads, compiles_beside=beside)
+            except Exception as e:
+                rec = failed(key, e)
+            del prep, fut
+            yield key, rec
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def bench_onnxruntime(h: int, w: int, args) -> dict:
@@ -393,6 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-s", type=float, default=0.0, help="start no configuration after S seconds (0: off)"
     )
+    p.add_argument(
+        "--compile-threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compile up to N configurations ahead, side by side, of the one being timed",
+    )
     p.add_argument("--tiny", action="store_true", help="dim 8, no blocks: for rehearsals only")
     p.add_argument(
         "--large",
@@ -435,15 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         for h, w in map(_size, _list(args.sizes))
         for batch in _list(args.batches, int)
     ]
-    for kind, dtype, h, w, batch in grid:
-        if args.max_s and time.perf_counter() - t0 > args.max_s:
-            print(f"--max-s {args.max_s:g}: {kind} {h}x{w} batch {batch} {dtype} and after skipped")
-            break
-        try:
-            rec = bench_one(kind, h, w, batch, dtype, args)
-        except Exception as e:  # e.g. out of memory: the configurations after it still run
-            rec = {"model": kind, "height": h, "width": w, "batch": batch, "dtype": dtype}
-            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    grid = [(kind, h, w, batch, dtype) for kind, dtype, h, w, batch in grid]
+    for (kind, h, w, batch, dtype), rec in configurations(grid, args, t0):
         rec.update(device=device, glibc_tunables=env, tiny=args.tiny)
         print(json.dumps(rec), flush=True)
         records.append(rec)

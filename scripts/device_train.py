@@ -12,22 +12,30 @@ command's start, so that installing the carried wheels counts):
 2. The training pairs decoded once into uncompressed BMP under --scratch (their captions copied
    as <name>.txt): a 640x480 PNG pair costs ~5x the host time of a BMP pair, and 16 of them are
    read per step.
-3. The probe: the input pipeline's batches/s, then the train step of --config at float32 and
-   at bfloat16 compute (--dtype forces one), each compiled in a thread while the next is traced
-   (the init program too), then run for --probe_steps on the same real batches from the same
-   initial state: compile s, XLA's planned MB, step s, steps/s, images/s, each step's loss.
-4. The pick: bfloat16 if its step is at least 10 % faster and its mean loss over the second
-   half of the probe within 2 % of float32's (it trains as well), else float32. If the input
-   pipeline's threads gave fewer than 1.5 batches per step, grain worker processes read too.
-5. Training (train.train_and_evaluate, in this process: the persistent compilation cache hands
-   it the probe's step) with max_train_s = what is left minus --grid_s and --export_s, and a
-   validation + checkpoint every 1/--candidates of the steps the probe's rate predicts.
+3. The probe: the input pipeline's batches/s, then the train step of --config at --dtype
+   (default bfloat16; `auto`: float32 and bfloat16, each compiled in a thread while the next is
+   traced), the init program compiled beside it, then run for --probe_steps on real batches:
+   compile s, XLA's planned MB, step s, steps/s, images/s, each step's loss.
+4. With --dtype auto, the pick: bfloat16 if its step is at least 10 % faster and its mean loss
+   over the second half of the probe within 2 % of float32's (it trains as well), else
+   float32. The H200, 2026-12-04: bf16 0.0544 s/step against fp32's 0.0771, XLA planning 10.6
+   GB against 21.4, losses within 2 %; but the two compiles side by side took 158 and 231 s of
+   a 480 s run, hence bfloat16 by default. If the input pipeline's threads gave fewer than
+   1.5 batches per step, grain worker processes read too.
+5. Training (train.train_and_evaluate, in this process, running the probe's compiled program:
+   reuse_program) with max_train_s = what is left minus --grid_s and --export_s, and a
+   checkpoint every 1/--candidates of the steps the probe's rate predicts; validation there
+   only with --validate (its first call compiles a full-frame program: 50 s on the H200).
 6. The last --candidates checkpoints (the final one and earlier ones at least half an interval
    before it) exported as float16 weight files student_sNNNNN.msgpack, recorded as float32
    networks (fuse runs them on any device), each read back; candidates.json describes them.
-7. The speed grid: scripts/benchmark.py in a subprocess (--grid; records written after each
-   configuration, so a cut keeps them) in the time left, then the probe's training-step
-   records appended: speed.json.
+7. With --grid_s > 0, the speed grid: scripts/benchmark.py in a subprocess (--grid; records
+   written after each configuration, so a cut keeps them) in the time left, then the probe's
+   training-step records appended: speed.json. (device_train.sh gives it no time outside its
+   smoke form: on a GPU the grid is a second command, MODE=grid, and the training steps'
+   figures are in timing.json's probe.)
+
+timing.json's "phase" says what the run was doing when it was last written.
 
 OUT then holds at most 8 files: run.log (device_train.sh's tee), timing.json, candidates.json,
 speed.json and at most 4 student files of ~8.8 MB.
@@ -60,7 +68,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")
 GRID = (
     "--models student,teacher --sizes 128x128,480x640 --batches 1,16 --dtypes float32,bfloat16 "
-    "--runs 10 --warmup 2 --budget 3"
+    "--runs 10 --warmup 2 --budget 3 --compile-threads 8"
 )
 BF16_SPEEDUP = 0.9  # bfloat16 is picked if its step takes at most this fraction of float32's
 BF16_LOSS_TOLERANCE = 1.02  # ... and its probe loss is at most this multiple of float32's
@@ -161,7 +169,25 @@ def probe(config, mesh, batches: list, dtypes: tuple[str, ...], timing: Timing) 
             "probe %s: %.4f s/step, %.2f steps/s, %.1f images/s; losses %s",
             dt, r["step_s"], r["steps_per_s"], r["images_per_s"], r["losses"][-3:],
         )  # fmt: skip
-    return results
+    return results, compiled
+
+
+def reuse_program(compiled, config, mesh):
+    """The probe's compiled step for the training loop (no second trace and cache load: ~20 s
+    on the H200); if the loop's arguments do not fit it, the step is built again, once."""
+    fallback = None
+
+    def step(*args):
+        nonlocal fallback
+        if fallback is None:
+            try:  # arguments are checked before anything runs: nothing is donated on failure
+                return compiled(*args)
+            except (TypeError, ValueError) as e:
+                logging.warning("the probe's program does not fit the loop (%s); building it", e)
+                fallback = train.build_step(config, mesh)
+        return fallback(*args)
+
+    return step
 
 
 def _planned_mb(compiled) -> float | None:
@@ -176,7 +202,7 @@ def _planned_mb(compiled) -> float | None:
 def pick_dtype(results: dict) -> tuple[str, str]:
     """(dtype, why): bfloat16 where it is faster and trains as well as float32."""
     if len(results) == 1:
-        return next(iter(results)), "forced (--dtype)"
+        return next(iter(results)), "--dtype (not probed against the other)"
     fp, bf = results["float32"], results["bfloat16"]
     half = len(fp["losses"]) // 2
     loss = {k: statistics.mean(r["losses"][half:]) for k, r in results.items()}
@@ -257,6 +283,7 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) ->
         batch=config.batch_size,
         crop=config.data.crop,
     )
+    timing(phase="decoding the training data")
     scratch = pathlib.Path(f.scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     t = time.perf_counter()
@@ -280,7 +307,8 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) ->
     logging.info("input pipeline: %.1f batches/s of %d", rate, config.batch_size)
 
     dtypes = DTYPES if f.dtype == "auto" else (f.dtype,)
-    results = probe(config, mesh, batches, dtypes, timing)
+    timing(phase="probe: compiling the train step")
+    results, compiled = probe(config, mesh, batches, dtypes, timing)
     dtype, why = pick_dtype(results)
     config.model.dtype = dtype
     steps_per_s = results[dtype]["steps_per_s"]
@@ -299,13 +327,20 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) ->
     expected = max(1, min(config.steps, int(steps_per_s * train_s * 0.9)))
     every = max(1, expected // f.candidates)
     config.max_train_s = train_s
-    config.eval_every = config.checkpoint_every = every
+    config.checkpoint_every = every
+    # Validation on the device is off unless asked for: the candidates are scored on the CPU
+    # (scripts/select_student.py), and its first call compiles a full-frame program (50 s on
+    # the H200, 2026-12-04).
+    config.eval_every = every if f.validate else 0
     config.keep_best = 1000  # every validated checkpoint stays: the candidates come from them
     workdir = scratch / "run"
     timing(train={"max_train_s": round(train_s, 1), "expected_steps": expected, "every": every})
     logging.info("train %.0f s (~%d steps), a candidate every %d steps", train_s, expected, every)
     t = time.perf_counter()
-    last = train.train_and_evaluate(config, workdir)
+    timing(phase="training")
+    step = reuse_program(compiled[dtype], config, mesh)
+    del compiled
+    last = train.train_and_evaluate(config, workdir, step_fn=step)
     timing(train=dict(timing.fields["train"], wall_s=round(time.perf_counter() - t, 1), **last))
 
     mngr = checkpoint.train_manager(workdir, read_only=True)
@@ -314,6 +349,7 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) ->
     mngr.close()
     steps = candidate_steps(saved, every, f.candidates)
     extra = {"device": dev.device_kind, "trained_s": round(train_s, 1), "batch": config.batch_size}
+    timing(phase="exporting candidates")
     records = export_candidates(workdir, steps, out, extra)
     images.atomic_write(
         out / "candidates.json",
@@ -329,10 +365,11 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) ->
 
     left = deadline - time.time() - 5
     if f.grid_s > 0 and left > 20:
+        timing(phase="speed grid")
         speed_grid(out, f.grid, left, results, config)
     else:
         logging.warning("speed grid skipped (--grid_s %g, %.0f s left)", f.grid_s, left)
-    timing(done=True)
+    timing(done=True, phase="done")
 
 
 def main(argv: list[str]) -> None:
@@ -368,7 +405,14 @@ def define_flags() -> None:
     flags.DEFINE_float("budget_s", 480, "seconds from --t0 to the end of everything")
     flags.DEFINE_float("t0", 0, "the command's start (epoch seconds; 0 = now)")
     flags.DEFINE_float("install_s", 0, "seconds spent installing wheels before (recorded)")
-    flags.DEFINE_enum("dtype", "auto", ["auto", *DTYPES], "compute dtype; auto = probe both")
+    flags.DEFINE_enum(
+        "dtype",
+        "bfloat16",
+        ["auto", *DTYPES],
+        "compute dtype; auto = probe both side by side (the H200's probe of 2026-12-04 chose "
+        "bfloat16: 1.42x faster steps, half the memory, loss within 2 %)",
+    )
+    flags.DEFINE_bool("validate", False, "validate at each candidate (a full-frame compile)")
     flags.DEFINE_integer("probe_steps", 30, "steps of the probe per dtype (2 of them warm-up)")
     flags.DEFINE_integer("candidates", 4, "student files to bring back (at most 4)")
     flags.DEFINE_float("grid_s", 150, "seconds kept for the speed grid (0: no grid)")

@@ -6,28 +6,37 @@
 #      -> .carry/ (git-ignored, 19 MiB: msrs/train, its captions and embedding cache, the 5
 #      wheels the device lacks); it prints what travels: working tree + .carry, 55 MiB of 64.
 #   2. device tool: run(command="bash scripts/device_train.sh run", carry=[".carry"],
-#      timeout_s=560), then give_back() unless a second command follows at once.
-#   If it failed early, timing.json and run.log say why; a second try fits in what is left,
-#   e.g. BUDGET_S=240 (and DTYPE=float32 if bf16 was the trouble), or only the speed grid:
-#   run(command="MODE=grid bash scripts/device_train.sh run", timeout_s=300).
+#      timeout_s=550): training, BUDGET_S=510 s (a fresh machine's start adds ~35 s).
+#   3. at once (a machine stays warm 30 s): run(command="MODE=grid bash scripts/device_train.sh
+#      run", carry=[".carry"], timeout_s=260): the speed grid, GRID_S=240 s; then give_back().
+#   If step 2 failed early, timing.json ("phase", "error") and run.log say why; a second try of
+#   it replaces step 3, e.g. BUDGET_S=240 (DTYPE=float32 if bf16 was the trouble).
+#   What the first GPU session (2026-12-04) learned, and why the defaults are what they are:
+#   the student's train step takes 1.5-4 minutes to compile on the H200 (XLA autotuning and
+#   kernel builds; 93 s with autotuning off, which made the steps 3.5x slower: never again),
+#   so it is compiled once, at bfloat16 only (the probe of both: bf16 0.054 s/step, fp32 0.077
+#   s, side by side 158 and 231 s of compile), the training loop runs the probe's program, and
+#   there is no validation (a full-frame program: 50 s) and no grid in the training command.
 #
 # MODE=student (default): scripts/device_train.py trains the student from scratch on the
 # official fusion loss (configs/distill.py:nodistill,gpu: the paper's no-distillation form;
 # msrs/train's 32 full-size training frames, batch 16 of 128² crops, AdamW 5e-4, the cosine
-# fitted to the time) within BUDGET_S seconds (default 480) of the command's start, the wheels'
+# fitted to the time) within BUDGET_S seconds (default 510) of the command's start, the wheels'
 # install included. In order (its docstring has the details): timing.json at once, the probe
-# (compile s, XLA's planned MB, step s, steps/s, images/s of the train step at float32 and at
-# bfloat16, and the input pipeline's batches/s) written as measured, the dtype picked (bf16 if
-# >= 10 % faster and its probe loss within 2 %; DTYPE=float32|bfloat16 forces one), training
-# until BUDGET_S - 180 s, four candidates exported, then the GPU speed grid (student and
-# teacher, 128² and 480x640, batch 1 and 16, fp32 and bf16; GRID_S=150 s, GRID_S=0 skips it).
-# Back in $OUT (8 files, ~36 MB): run.log, timing.json, candidates.json, speed.json and
+# (compile s, XLA's planned MB, step s, steps/s, images/s of the bf16 train step, and the input
+# pipeline's batches/s) written as measured (DTYPE=float32 forces fp32, DTYPE=auto probes
+# both and picks), training in the probe's program until BUDGET_S - 30 s (export), four
+# candidates exported. GRID_S=150 would add the speed grid after them (only the smoke form
+# does, by default). Back in $OUT (7 files, ~36 MB): run.log, timing.json, candidates.json and
 # student_sNNNNN.msgpack x 4 (float16 params, 8.8 MB each, `fuse --weights FILE` loads them).
 #
 # MODE=distill (later runs): the teacher on MSRS, then the student distilled from it, starting
 # from the shipped student (dtpf_jax/weights/student_ivf.msgpack); the teacher (80 MB in fp16)
 # cannot come back, the student does (student_ivf.msgpack, .json, teacher.log, distill.log).
-# MODE=grid: the speed grid alone (GRID= other scripts/benchmark.py arguments).
+# MODE=grid: the GPU speed grid (student and teacher, 128² and 480x640, batch 1 and 16, fp32
+# and bf16: 16 programs, 8 compiled side by side ahead of the one being timed; no
+# configuration started after GRID_S - 40 s, default 240) -> speed.json and run.log. GRID=
+# other scripts/benchmark.py arguments. The training steps' figures are timing.json's probe.
 #
 # What to do with what comes back (here, on the CPU), by the ship rule fixed before any run
 # (scripts/select_student.py's docstring: the mean official fusion loss on the held-back
@@ -97,10 +106,11 @@ install_wheels() {
 
 run_student() {
   local out=$1 t0=$2 install_s=$3 variant="nodistill,gpu" probe=${PROBE_STEPS:-30}
-  local grid_s=${GRID_S:-150} grid=()
+  local grid_s=${GRID_S:-0} grid=()
   if [ -n "${SMOKE:-}" ]; then
     variant+=",smoke" probe=${PROBE_STEPS:-3} grid_s=${GRID_S:-60}
-    grid=("--grid=--tiny --models student --sizes 64x64 --batches 1 --dtypes float32 --runs 2")
+    grid=("--grid=--tiny --models student --sizes 64x64 --batches 1,2 --dtypes float32 --runs 2
+      --compile-threads 2")
   fi
   [ -z "${GRID:-}" ] || grid=("--grid=$GRID")  # scripts/benchmark.py arguments
   # shellcheck disable=SC2206
@@ -112,8 +122,8 @@ run_student() {
   XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.4} \
     XLA_PYTHON_CLIENT_PREALLOCATE=false python3 scripts/device_train.py \
     --config "configs/distill.py:$variant" --out "$out" --t0 "$t0" --install_s "$install_s" \
-    --budget_s "${BUDGET_S:-480}" --grid_s "$grid_s" \
-    --dtype "${DTYPE:-auto}" --probe_steps "$probe" --scratch "${SCRATCH:-/tmp/dtpf_device}" \
+    --budget_s "${BUDGET_S:-510}" --grid_s "$grid_s" \
+    --dtype "${DTYPE:-bfloat16}" --probe_steps "$probe" --scratch "${SCRATCH:-/tmp/dtpf_device}" \
     "--config.data.root=$CARRY/data" "${caps[@]}" \
     '--config.data.train=("msrs/train",)' '--config.data.val=("msrs/train",)' \
     "--config.data.val_split=(0.95, 1.0)" "${grid[@]}" "${extra[@]}"
@@ -150,10 +160,13 @@ run_distill() {
     --record "$out/student_ivf.json"
 }
 
-run_grid() {  # the speed grid alone (a second command, if the first one's ran out of time)
+run_grid() {  # the speed grid: the second command of a session
+  local grid_s=${GRID_S:-240}
   # shellcheck disable=SC2086
   python3 scripts/benchmark.py --json "$1/speed.json" --no-flops --cli-images 0 \
-    ${GRID:---models student,teacher --sizes 128x128,480x640 --batches 1,16 --runs 10 --budget 3}
+    --max-s "$((grid_s > 80 ? grid_s - 40 : grid_s / 2))" \
+    ${GRID:---models student,teacher --sizes 480x640,128x128 --batches 1,16 \
+      --dtypes bfloat16,float32 --runs 10 --warmup 2 --budget 3 --compile-threads 8}
 }
 
 run() {

@@ -83,17 +83,21 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch)
 
     timing = json.loads((out / "timing.json").read_text())
     assert "error" not in timing and timing["done"] and timing["device"] == "cpu"
-    for dt in ("float32", "bfloat16"):  # both measured, the pick made from them
-        r = timing["probe"][dt]
-        assert r["compile_s"] > 0 and r["step_s"] > 0 and r["images_per_s"] > 0, r
-        assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
-    assert timing["dtype"] in ("float32", "bfloat16") and timing["pipeline"]["batches_per_s"] > 0
+    assert timing["phase"] == "done"
+    assert list(timing["probe"]) == ["bfloat16"]  # the default: one compile, at bf16
+    r = timing["probe"]["bfloat16"]
+    assert r["compile_s"] > 0 and r["step_s"] > 0 and r["images_per_s"] > 0, r
+    assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+    assert timing["dtype"] == "bfloat16" and timing["pipeline"]["batches_per_s"] > 0
+    log = (out / "run.log").read_text()
+    assert "does not fit the loop" not in log  # training ran the probe's compiled program
     assert timing["input_workers"] == 0  # threads outpace a CPU step: no worker processes
     assert timing["train"]["step"] == 4 and timing["train"]["every"] == 1  # smoke: 4 steps
     assert timing["elapsed_s"] <= 900
 
     run = json.loads((out / "candidates.json").read_text())
     cands = run["candidates"]
+    assert run["config"]["eval_every"] == 0 and "validation" not in log  # none on the device
     assert [c["step"] for c in cands] == [1, 2, 3, 4] and len(files) == 8
     assert run["config"]["stage"] == "student" and run["config"]["model"]["remat"] is False
     for c in cands:
@@ -103,8 +107,10 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch)
     speed = json.loads((out / "speed.json").read_text())
     steps = [r for r in speed if r.get("kind") == "train_step"]
     forwards = [r for r in speed if r not in steps]
-    assert {r["dtype"] for r in steps} == {"float32", "bfloat16"}  # the probe's
-    assert [(r["model"], r["dtype"]) for r in forwards] == [("student", "float32")]  # smoke grid
+    assert {r["dtype"] for r in steps} == {"bfloat16"}  # the probe's
+    # the smoke grid: two programs compiled side by side, timed in order
+    assert [(r["model"], r["batch"]) for r in forwards] == [("student", 1), ("student", 2)]
+    assert all(r["compile_threads"] == 2 and r["compiles_beside"] in (0, 1) for r in forwards)
     assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in forwards + steps)
 
     # the last candidate fuses a pair through the CLI, at the pair's size
@@ -155,7 +161,7 @@ def test_dtype_pick_candidate_steps_and_ship_verdict():
     assert dt.pick_dtype({"float32": fp, "bfloat16": slower})[0] == "float32"
     worse = {"step_s": 0.05, "losses": [9, 8, 7.5, 6.5]}  # trains worse: 7.0 vs 6.5 mean
     assert dt.pick_dtype({"float32": fp, "bfloat16": worse})[0] == "float32"
-    assert dt.pick_dtype({"bfloat16": worse}) == ("bfloat16", "forced (--dtype)")
+    assert dt.pick_dtype({"bfloat16": worse})[0] == "bfloat16"  # --dtype: no pick
     # the final step, and before it the latest periodic ones at least half an interval earlier
     assert dt.candidate_steps([250, 500, 750, 1000, 1200], 250, 4) == [500, 750, 1000, 1200]
     assert dt.candidate_steps([250, 500, 750, 1000, 1040], 250, 4) == [250, 500, 750, 1040]

@@ -8,7 +8,11 @@ and a 3x3 output conv plus a global residual on the visible input.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
+import pathlib
+import re
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -209,20 +213,82 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> FusionNet:
     return FusionNet(model_cfg)
 
 
+SHAPES_FILE = pathlib.Path(__file__).with_name("param_shapes.json")
+_NETWORK_SOURCES = ("networks.py", "blocks.py", "attention.py")  # what decides the params
+
+
 def param_shapes(model_cfg: ml_collections.ConfigDict) -> dict:
     """{path tuple: ShapeDtypeStruct} of the params `model_cfg` builds (flattened).
 
-    Traced once per config and process (about 2 s for the student): loading a weight file
-    checks against it, and tests load the same small configs many times.
+    Loading a weight file checks against it. The student's shapes ship in SHAPES_FILE (a
+    trace costs ~2 s of every `fuse` start), used only while the network's source files are
+    the ones they were written from (write_shape_manifest; tests/test_networks.py checks them);
+    any other config or source is traced, once per config and process.
     """
     return dict(_param_shapes(model_cfg.to_json()))
 
 
 @functools.lru_cache(maxsize=16)
 def _param_shapes(config_json: str) -> tuple:
+    known = _manifest().get(_shape_key(config_json))
+    return known if known is not None else trace_param_shapes(config_json)
+
+
+def trace_param_shapes(config_json: str) -> tuple:
+    """((path tuple, ShapeDtypeStruct), ...) of a config, from jax.eval_shape of its init."""
     model = build_model(model_config_from_json(config_json))
     tree = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     return tuple(flatten_dict(tree).items())
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    h = hashlib.sha256()
+    for name in _NETWORK_SOURCES:
+        h.update(pathlib.Path(__file__).with_name(name).read_bytes())
+    return h.hexdigest()
+
+
+def _shape_key(config_json: str) -> str:
+    return hashlib.sha256(f"{_source_digest()}\n{config_json}".encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _manifest() -> dict:
+    try:
+        raw = json.loads(SHAPES_FILE.read_text())
+        return {
+            key: tuple(
+                (tuple(path.split("/")), jax.ShapeDtypeStruct(tuple(shape), dtype))
+                for path, (shape, dtype) in entry["params"].items()
+            )
+            for key, entry in raw.items()
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # no manifest, or a broken one: trace
+
+
+def _one_line(m: re.Match) -> str:
+    dims = ", ".join(re.findall(r"\d+", m.group(1)))
+    return f"[[{dims}], {m.group(2)}]"
+
+
+def write_shape_manifest(path: str | os.PathLike = SHAPES_FILE, kinds=("student",)) -> None:
+    """Trace the default configs of `kinds` and write their shapes, keyed to these sources:
+    python -c "from dtpf_jax import networks; networks.write_shape_manifest()" """
+    out = {}
+    for kind in kinds:
+        config_json = model_config(kind).to_json()
+        params = {
+            "/".join(k): [list(v.shape), str(v.dtype)] for k, v in trace_param_shapes(config_json)
+        }
+        out[_shape_key(config_json)] = {"kind": kind, "params": params}
+    # one parameter per line: a diff shows which tensors changed
+    text = json.dumps(out, indent=1, sort_keys=True)
+    text = re.sub(r"\[\s+\[([\d,\s]*)\],\s+(\"\w+\")\s+\]", _one_line, text) + "\n"
+    tmp = pathlib.Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def init_params(model: FusionNet, rng, height: int = 64, width: int = 64):

@@ -20,6 +20,41 @@ def test_parameter_counts_equal_official(kind):
     assert n == OFFICIAL_COUNTS[kind]
 
 
+REGENERATE = 'python -c "from dtpf_jax import networks; networks.write_shape_manifest()"'
+
+
+def test_shipped_shape_manifest_is_current():
+    # dtpf_jax/param_shapes.json spares fuse a 2 s trace; it must be what a trace gives now
+    cfg = networks.model_config("student")
+    known = networks._manifest().get(networks._shape_key(cfg.to_json()))
+    assert known is not None, f"the student's shapes are stale or missing: {REGENERATE}"
+    assert dict(known) == dict(networks.trace_param_shapes(cfg.to_json())), REGENERATE
+    assert set(dict(known)) == set(flatten_dict(_shapes("student")))
+
+
+def test_param_shapes_read_the_manifest_and_trace_anything_else(monkeypatch):
+    traced = []
+
+    def trace(config_json):
+        traced.append(config_json)
+        return ((("w",), jax.ShapeDtypeStruct((1,), jnp.float32)),)
+
+    student = networks.model_config("student")
+    monkeypatch.setattr(networks, "trace_param_shapes", trace)
+    networks._param_shapes.cache_clear()
+    try:
+        assert len(networks.param_shapes(student)) == 644 and not traced  # from the file
+        other = networks.model_config("student")
+        other.dim = 8
+        assert list(networks.param_shapes(other)) == [("w",)] and len(traced) == 1
+        networks._param_shapes.cache_clear()
+        # edited network sources: the file no longer applies, the student is traced
+        monkeypatch.setattr(networks, "_source_digest", lambda: "edited")
+        assert list(networks.param_shapes(student)) == [("w",)] and len(traced) == 2
+    finally:
+        networks._param_shapes.cache_clear()
+
+
 @pytest.mark.parametrize("kind", ["teacher", "student"])
 def test_every_official_tensor_has_a_counterpart(kind, shared_dir):
     rows = official.read_keys_tsv(shared_dir / "official_keys" / f"{kind}_state_dict.tsv")

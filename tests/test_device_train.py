@@ -190,12 +190,12 @@ def test_ship_rule_selection_sets(shared_data):
 
 def test_init_is_one_program_at_any_compute_dtype():
     # The probe compiles init once for both dtypes and the run gets it from the cache.
-    from dtpf_jax import config_lib, train
+    from dtpf_jax import config_lib, steps
 
     cfg = config_lib.load_config_file(REPO / "configs" / "distill.py", "nodistill,gpu,smoke")
     programs = []
     for dtype in ("float32", "bfloat16"):
         cfg.model.dtype = dtype
-        programs.append(str(jax.make_jaxpr(train.make_init(cfg))(jax.random.key(0))))
+        programs.append(str(jax.make_jaxpr(steps.make_init(cfg))(jax.random.key(0))))
     assert programs[0] == programs[1]
     assert cfg.model.remat is False and cfg.batch_size == 4  # gpu's settings, smoke's sizes

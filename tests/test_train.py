@@ -23,7 +23,7 @@ import optax
 import pytest
 from PIL import Image
 
-from dtpf_jax import checkpoint, datasets, export, losses, parallel, train
+from dtpf_jax import checkpoint, datasets, export, losses, parallel, steps, train
 from dtpf_jax.report import NonFiniteLossError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -89,8 +89,8 @@ def _initial_states(cfgs, mesh) -> dict:
         sgd = {"step": base["step"], "params": params}
         if stage == "distill":  # official form: the adapters are frozen inputs, not params
             sgd["frozen"] = {"adapters": base["params"]["adapters"]}
-        sgd["opt_state"] = _host(train.make_optimizer(cfg).init(params))
-        want = jax.eval_shape(train.make_init(cfg), jax.random.key(0))
+        sgd["opt_state"] = _host(steps.make_optimizer(cfg).init(params))
+        want = jax.eval_shape(steps.make_init(cfg), jax.random.key(0))
         assert jax.tree.structure(sgd) == jax.tree.structure(want)
         states[stage, "sgd"] = sgd
     return states
@@ -357,14 +357,14 @@ def test_host_learning_rates_make_the_updates_of_optax_with_the_schedule(schedul
             return o.lr_min + (o.lr - o.lr_min) * (1 + np.cos(np.pi * n / 2)) / 2
 
     want_tx = optax.adamw(want_lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
-    tx, rates = train.make_optimizer(cfg), train.LearningRates(cfg, 0.0)
+    tx, rates = steps.make_optimizer(cfg), train.LearningRates(cfg, 0.0)
     state = {"step": 0, "params": {"w": np.linspace(-1.0, 1.0, 6, dtype=np.float32)}}
     state["opt_state"] = tx.init(state["params"])
     want, want_opt = state["params"], want_tx.init(state["params"])
     for n in range(1, 8):  # past the cosine's end (then at its floor), past a period
         assert rates(n) == pytest.approx(float(want_lr(n - 1)), rel=1e-5, abs=1e-12)
         grads = {"w": np.float32(n) * np.cos(np.arange(6, dtype=np.float32))}
-        state = train._apply_gradients(state, grads, tx, rates(n))
+        state = steps._apply_gradients(state, grads, tx, rates(n))
         updates, want_opt = want_tx.update(grads, want_opt, want)
         want = optax.apply_updates(want, updates)
         np.testing.assert_allclose(state["params"]["w"], want["w"], rtol=1e-5, atol=1e-7)
@@ -429,7 +429,7 @@ def test_cli_turns_a_non_finite_loss_into_a_nonzero_exit(monkeypatch):
 def test_nodistill_stage_trains_the_student_alone_on_the_fusion_loss():
     cfg = micro(load_config("distill", "nodistill,smoke"))
     mesh = parallel.make_mesh()
-    state = jax.eval_shape(train.make_init(cfg), jax.random.key(0))
+    state = jax.eval_shape(steps.make_init(cfg), jax.random.key(0))
     assert set(state["params"]) == {"net"} and "frozen" not in state  # no adapters, no teacher
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fixed_batch())
     lr = jax.ShapeDtypeStruct((), np.float32)

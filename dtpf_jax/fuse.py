@@ -308,7 +308,8 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-going",
         action="store_true",
         help="fuse every good pair and skip the bad ones (unmatched names, undecodable files, "
-        "sizes that differ), one `skipped: NAME: reason` line each; exit status 1 if any",
+        "sizes that differ, a teacher's missing caption), one `skipped: NAME: reason` line "
+        "each; exit status 1 if any",
     )
     p.add_argument(
         "--skip-existing",
@@ -357,6 +358,7 @@ def fuse_main(args) -> int:
     jobs = check_inputs(jobs, skipped)
     for name, reason in skipped or ():
         print(f"skipped: {name}: {reason}", file=sys.stderr)
+    n_skipped = len(skipped or ())
     if skipped and not jobs:
         raise DataError(f"nothing to fuse: all {len(skipped)} pairs were skipped (listed above)")
     todo = [j for j in jobs if not (args.skip_existing and is_done(j))]
@@ -364,7 +366,14 @@ def fuse_main(args) -> int:
     if hint:
         print(hint)
     model = infer.load_model(args.weights, args.dtype)
-    embs = text_embeddings(args, model, todo)
+    done_before = len(jobs) - len(todo)
+    todo, embs = text_embeddings(args, model, todo, skipped)
+    uncaptioned = (skipped or [])[n_skipped:]  # --keep-going: a teacher's pairs without one
+    for name, reason in uncaptioned:
+        print(f"skipped: {name}: {reason}", file=sys.stderr)
+    jobs = [j for j in jobs if j.name not in {name for name, _ in uncaptioned}]
+    if skipped and not todo and not done_before:
+        raise DataError(f"nothing to fuse: all {len(skipped)} pairs were skipped (listed above)")
     prepare_out(out, todo)
     threshold = infer.max_full_pixels() if args.max_full_pixels is None else args.max_full_pixels
     big = [j for j in todo if infer.pick_mode(args.mode, *j.size, threshold) == "large"]
@@ -406,8 +415,7 @@ def fuse_main(args) -> int:
     )
     tiled = f", {stats.tiled} in 128² tiles" if stats.tiled else ""
     tiled += f", {stats.large} in large tiles" if stats.large else ""
-    kept = len(jobs) - len(todo)
-    kept = f", {kept} done before and kept (--skip-existing)" if kept else ""
+    kept = f", {done_before} done before and kept (--skip-existing)" if done_before else ""
     print(
         f"done: {_count(stats.images, 'image')}{tiled} in {stats.seconds:.1f} s"
         f"{ips or ''}{kept} -> {out.resolve()}"

@@ -135,15 +135,19 @@ def prepare_out(out: pathlib.Path, jobs: Sequence[Job] = ()) -> None:
         ) from None
 
 
-def text_embeddings(args, model: infer.Model, jobs: Sequence[Job]) -> list:
-    """One (1, D) embedding per job for a teacher (from --text or --captions), else Nones."""
+def text_embeddings(
+    args, model: infer.Model, jobs: Sequence[Job], skipped: list | None = None
+) -> tuple[list[Job], list]:
+    """(jobs, one (1, D) embedding per job) for a teacher (from --text or --captions), else
+    Nones. With `skipped` (--keep-going), pairs without a caption file are left out and
+    listed there as (name, reason) instead of stopping the run."""
     if not model.text_guided:
         if args.text is not None or args.captions:
             raise DataError(
                 f"{model.source}: the student is text-free; drop --text/--captions "
                 "(they are for a teacher's weights)"
             )
-        return [None] * len(jobs)
+        return list(jobs), [None] * len(jobs)
     if args.text is not None and args.captions:
         raise DataError("--text and --captions: pass one of them, not both")
     if args.text is None and not args.captions:
@@ -152,9 +156,10 @@ def text_embeddings(args, model: infer.Model, jobs: Sequence[Job]) -> list:
             "or --captions DIR (a <name>.txt per pair)"
         )
     if not jobs:  # --skip-existing: every output is there already
-        return []
+        return [], []
     from dtpf_jax import captions, text
 
+    jobs = list(jobs)
     if args.text is not None:
         strings = [args.text] * len(jobs)
     else:
@@ -168,7 +173,11 @@ def text_embeddings(args, model: infer.Model, jobs: Sequence[Job]) -> list:
                 continue
             records = captions.parse_caption(path.read_text(encoding="utf-8", errors="replace"))
             strings.append(captions.clip_string(records, args.text_mode)[0])
-        if missing:
+        if missing and skipped is not None:
+            reason = f"no caption file in {args.captions} (write <name>.txt there or use --text)"
+            skipped.extend((name, reason) for name in missing)
+            jobs = [j for j in jobs if j.name not in set(missing)]
+        elif missing:
             raise DataError(
                 f"{args.captions}: no caption file for {len(missing)} pairs "
                 f"({', '.join(missing[:5])}); write <name>.txt there or use --text"
@@ -181,7 +190,7 @@ def text_embeddings(args, model: infer.Model, jobs: Sequence[Job]) -> list:
             f"--clip {args.clip}: CLIP needs transformers with Flax ({e}); "
             "pip install 'transformers<5'"
         ) from None
-    return [emb[s][None] for s in strings]
+    return jobs, [emb[s][None] for s in strings]
 
 
 def medical_hint(jobs: Sequence[Job], weights: str) -> str | None:

@@ -291,6 +291,19 @@ def test_teacher_text_and_captions_change_the_output(tmp_path, weights, capsys):
     (caps / "b.txt").unlink()
     assert fuse.main(base + ["--captions", str(caps), "--out", str(tmp_path / "x")]) == 2
     assert "no caption file for 1 pairs (b)" in capsys.readouterr().err
+    # --keep-going: the pair without a caption is skipped and said, the other one fused
+    kept = ["--captions", str(caps), "--keep-going", "--out", str(tmp_path / "k")]
+    page = tmp_path / "k.html"
+    assert fuse.main(base + kept + ["--html", str(page)]) == 1
+    err = capsys.readouterr().err
+    assert "skipped: b: no caption file in" in err and "skipped: 1 pair" in err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "k" / "a.png")), got["low"][0])
+    html = page.read_text()  # the page shows the fused pair only
+    assert not (tmp_path / "k" / "b.png").exists() and html.count("<tr><td>") == 1
+    assert "<td>a</td>" in html and "<td>b</td>" not in html
+    (caps / "a.txt").unlink()  # none left to fuse: an error, not an empty success
+    assert fuse.main(base + kept) == 2
+    assert "nothing to fuse: all 2 pairs were skipped" in capsys.readouterr().err
     assert fuse.main(base + ["--text", "x", "--clip", str(tmp_path / "no_clip"), "--out", "y"]) == 2
     assert "cannot load CLIP" in capsys.readouterr().err
 

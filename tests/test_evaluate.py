@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import math
 import shutil
 import subprocess
@@ -180,6 +181,30 @@ def test_output_paths_are_checked_before_scoring(tmp_path, capsys, monkeypatch):
         err = _one_error_line(capsys)
         assert message in err and str(extra[1]) in err, err
     assert _digest(tmp_path) == before  # nothing written, nothing replaced
+
+
+def test_a_write_that_fails_after_scoring_is_one_error_line(tmp_path, capsys, monkeypatch):
+    # The paths pass the checks up front; the disk fills while the page is written.
+    dirs = make_folders(tmp_path)
+    out = tmp_path / "out"
+    real = evaluate.atomic_write
+
+    def disk_full(path, payload):
+        if str(path).endswith(".html"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, payload)
+
+    monkeypatch.setattr(evaluate, "atomic_write", disk_full)
+    extra = ("--csv", out / "s.csv", "--html", out / "r.html", "--gallery", out / "g.png")
+    assert run(dirs, *extra) == 2
+    captured = capsys.readouterr()
+    assert "convention clean" in captured.out  # the table was printed before
+    err = [line for line in captured.err.splitlines() if line.strip()]
+    assert err == [
+        f"error: cannot write {out / 'r.html'}: No space left on device; "
+        "pass a writable file path"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["s.csv"]  # the gallery after it: not made
 
 
 def test_keep_going_scores_what_is_there(tmp_path, capsys):

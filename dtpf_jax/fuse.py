@@ -359,8 +359,7 @@ def fuse_main(args) -> int:
     for name, reason in skipped or ():
         print(f"skipped: {name}: {reason}", file=sys.stderr)
     n_skipped = len(skipped or ())
-    if skipped and not jobs:
-        raise DataError(f"nothing to fuse: all {len(skipped)} pairs were skipped (listed above)")
+    _stop_if_all_skipped(jobs, skipped)
     todo = [j for j in jobs if not (args.skip_existing and is_done(j))]
     hint = medical_hint(jobs, args.weights)
     if hint:
@@ -372,8 +371,7 @@ def fuse_main(args) -> int:
     for name, reason in uncaptioned:
         print(f"skipped: {name}: {reason}", file=sys.stderr)
     jobs = [j for j in jobs if j.name not in {name for name, _ in uncaptioned}]
-    if skipped and not todo and not done_before:
-        raise DataError(f"nothing to fuse: all {len(skipped)} pairs were skipped (listed above)")
+    _stop_if_all_skipped(jobs, skipped)
     prepare_out(out, todo)
     threshold = infer.max_full_pixels() if args.max_full_pixels is None else args.max_full_pixels
     big = [j for j in todo if infer.pick_mode(args.mode, *j.size, threshold) == "large"]
@@ -424,6 +422,11 @@ def fuse_main(args) -> int:
         print(f"skipped: {_count(len(skipped), 'pair')} (listed above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _stop_if_all_skipped(jobs: Sequence[Job], skipped: list | None) -> None:
+    if skipped and not jobs:
+        raise DataError(f"nothing to fuse: all {len(skipped)} pairs were skipped (listed above)")
 
 
 def model_label(weights: str, model: infer.Model) -> str:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -23,6 +22,7 @@ from flax.traverse_util import flatten_dict
 
 from dtpf_jax.attention import AttentionFusion, CrossAttention, TransformerBlock
 from dtpf_jax.blocks import Conv1x1, Conv3x3, Downsample, FiLM, Upsample
+from dtpf_jax.images import atomic_write
 
 # H and W must be multiples of this: three 2x downsamplings (the window attention pads a
 # partial last window row/column itself).
@@ -255,22 +255,18 @@ def _shape_key(config_json: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _manifest() -> dict:
+    def leaf(spec: str) -> jax.ShapeDtypeStruct:  # "float32[128,384]"
+        dtype, dims = spec.rstrip("]").split("[")
+        return jax.ShapeDtypeStruct(tuple(int(d) for d in dims.split(",") if d), dtype)
+
     try:
         raw = json.loads(SHAPES_FILE.read_text())
         return {
-            key: tuple(
-                (tuple(path.split("/")), jax.ShapeDtypeStruct(tuple(shape), dtype))
-                for path, (shape, dtype) in entry["params"].items()
-            )
+            key: tuple((tuple(p.split("/")), leaf(s)) for p, s in entry["params"].items())
             for key, entry in raw.items()
         }
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}  # no manifest, or a broken one: trace
-
-
-def _one_line(m: re.Match) -> str:
-    dims = ", ".join(re.findall(r"\d+", m.group(1)))
-    return f"[[{dims}], {m.group(2)}]"
 
 
 def write_shape_manifest(path: str | os.PathLike = SHAPES_FILE, kinds=("student",)) -> None:
@@ -279,16 +275,12 @@ def write_shape_manifest(path: str | os.PathLike = SHAPES_FILE, kinds=("student"
     out = {}
     for kind in kinds:
         config_json = model_config(kind).to_json()
-        params = {
-            "/".join(k): [list(v.shape), str(v.dtype)] for k, v in trace_param_shapes(config_json)
+        params = {  # one string per tensor: a line each, so a diff shows which changed
+            "/".join(k): f"{v.dtype}[{','.join(map(str, v.shape))}]"
+            for k, v in trace_param_shapes(config_json)
         }
         out[_shape_key(config_json)] = {"kind": kind, "params": params}
-    # one parameter per line: a diff shows which tensors changed
-    text = json.dumps(out, indent=1, sort_keys=True)
-    text = re.sub(r"\[\s+\[([\d,\s]*)\],\s+(\"\w+\")\s+\]", _one_line, text) + "\n"
-    tmp = pathlib.Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(out, indent=1, sort_keys=True) + "\n")
 
 
 def init_params(model: FusionNet, rng, height: int = 64, width: int = 64):

@@ -176,7 +176,8 @@ def text_embeddings(
         if missing and skipped is not None:
             reason = f"no caption file in {args.captions} (write <name>.txt there or use --text)"
             skipped.extend((name, reason) for name in missing)
-            jobs = [j for j in jobs if j.name not in set(missing)]
+            gone = set(missing)
+            jobs = [j for j in jobs if j.name not in gone]
         elif missing:
             raise DataError(
                 f"{args.captions}: no caption file for {len(missing)} pairs "

@@ -121,14 +121,6 @@ def one_piece_cost(fwd, args) -> dict:
     return cost[0] if isinstance(cost, list | tuple) else cost
 
 
-def bench_one(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
-    """Params, XLA FLOPs, compile time, median latency and memory of one configuration."""
-    prep = prepare(kind, h, w, batch, dtype, args)
-    t0 = time.perf_counter()
-    compiled = prep["lowered"].compile()
-    return measure(prep, compiled, prep["lower_s"] + time.perf_counter() - t0, args)
-
-
 def prepare(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
     """One configuration's weights and inputs on the device and its traced, lowered forward."""
     cfg = networks.model_config(kind)
@@ -163,7 +155,8 @@ def prepare(kind: str, h: int, w: int, batch: int, dtype: str, args) -> dict:
 
 
 def measure(prep: dict, compiled, compile_s: float, args) -> dict:
-    """Time a configuration's compiled forward: its record (compile_s: trace + lower + compile)."""
+    """Params, XLA FLOPs, median latency and memory of a configuration's compiled forward:
+    its record (compile_s: trace + lower + compile)."""
     kind, h, w, batch, dtype = prep["key"]
     params, vis, ir, text = prep["inputs"]
     cost = one_piece_cost(prep["fwd"], prep["inputs"]) if args.flops else {}
@@ -201,12 +194,14 @@ def measure(prep: dict, compiled, compile_s: float, args) -> dict:
 
 
 def configurations(grid: list, args, t0: float):
-    """(key, record) per configuration in grid order; stops at --max-s.
+    """(key, record) per configuration in grid order; stops at --max-s. A failed configuration
+    (e.g. out of memory) is a record with its error, and the ones after it still run.
 
     --compile-threads N: configurations are traced here and compiled in N threads, up to N
     ahead of the one being timed (XLA compiles outside the GIL; a GPU compile is mostly host
     work: 34 s for the student at 128² on the H200). A record then says how many compiles ran
     beside its timed calls ("compiles_beside"), and its compile_s is wall time in a shared pool.
+    Without it, one thread compiles each configuration as its turn comes.
     """
 
     def failed(key, e):
@@ -221,26 +216,16 @@ def configurations(grid: list, args, t0: float):
             return True
         return False
 
-    if not args.compile_threads:
-        for key in grid:
-            if late(key):
-                return
-            try:
-                rec = bench_one(*key, args)
-            except Exception as e:  # e.g. out of memory: the configurations after it still run
-                rec = failed(key, e)
-            yield key, rec
-        return
-
     def compile_timed(lowered):
         t = time.perf_counter()
         return lowered.compile(), time.perf_counter() - t
 
-    pool = concurrent.futures.ThreadPoolExecutor(args.compile_threads)
+    threads = max(1, args.compile_threads)
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
     ahead, todo = [], list(grid)  # ahead: (key, prep or exception, future or None)
     try:
         while todo or ahead:
-            while todo and len(ahead) < args.compile_threads:
+            while todo and len(ahead) < threads:
                 if late(todo[0]):
                     todo = []
                     break
@@ -259,7 +244,8 @@ def configurations(grid: list, args, t0: float):
                 compiled, compile_s = fut.result()
                 beside = sum(not f.done() for _, _, f in ahead if f is not None)
                 rec = measure(prep, compiled, prep["lower_s"] + compile_s, args)
-                rec.update(compile_threads=args.compile_threads, compiles_beside=beside)
+                if args.compile_threads:
+                    rec.update(compile_threads=threads, compiles_beside=beside)
             except Exception as e:
                 rec = failed(key, e)
             del prep, fut
@@ -269,8 +255,8 @@ def configurations(grid: list, args, t0: float):
 
 
 def bench_onnxruntime(h: int, w: int, args) -> dict:
-    """Median latency of the student's ONNX graph in onnxruntime, on bench_one's weights and
-    inputs (batch 1), padded as bench_one pads them; "compile" = session creation."""
+    """Median latency of the student's ONNX graph in onnxruntime, on the JAX row's weights and
+    inputs (batch 1), padded as `prepare` pads them; "compile" = session creation."""
     import onnxruntime as ort
 
     from dtpf_jax import export_onnx

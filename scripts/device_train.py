@@ -332,7 +332,7 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) ->
     # (scripts/select_student.py), and its first call compiles a full-frame program (50 s on
     # the H200, 2026-12-04).
     config.eval_every = every if f.validate else 0
-    config.keep_best = 1000  # every validated checkpoint stays: the candidates come from them
+    config.keep_best = 1000  # every checkpoint stays: the candidates come from them
     workdir = scratch / "run"
     timing(train={"max_train_s": round(train_s, 1), "expected_steps": expected, "every": every})
     logging.info("train %.0f s (~%d steps), a candidate every %d steps", train_s, expected, every)

@@ -201,8 +201,7 @@ def test_a_write_that_fails_after_scoring_is_one_error_line(tmp_path, capsys, mo
     assert "convention clean" in captured.out  # the table was printed before
     err = [line for line in captured.err.splitlines() if line.strip()]
     assert err == [
-        f"error: cannot write {out / 'r.html'}: No space left on device; "
-        "pass a writable file path"
+        f"error: cannot write {out / 'r.html'}: No space left on device; pass a writable file path"
     ]
     assert sorted(p.name for p in out.iterdir()) == ["s.csv"]  # the gallery after it: not made
 

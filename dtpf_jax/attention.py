@@ -12,6 +12,9 @@ to a plain form.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -50,6 +53,61 @@ def _channel_mix_bwd(res, g):
 channel_mix.defvjp(_channel_mix_fwd, _channel_mix_bwd)
 
 
+@dataclasses.dataclass(frozen=True)
+class FrameStats:
+    """TSAB statistics of a whole frame for a network run on one tile of it.
+
+    TSAB normalises q, k and forms their Gram matrix over every pixel of its input, so a tile
+    alone sees its own statistics, not the frame's. Inside `frame_stats(FrameStats(mask))`
+    each ChannelAttention runs on the tile's statistics and writes its sums over the pixels
+    the tile owns (`mask` (B, H, W) at input resolution, 1 where owned; the owned parts of all
+    tiles partition the frame) to the collection 'tsab_stats' as (q k^T, sum q^2, sum k^2).
+    Inside `frame_stats(FrameStats(None))` it runs on the sums of the collection
+    'tsab_global' instead: the frame's, the tiles' added up by the caller.
+    """
+
+    mask: jax.Array | None
+
+    def exchange(self, module: nn.Module, height: int, q, k):
+        """The sums this tile's layer runs on: the frame's (no mask) or the tile's own.
+
+        q, k (B, N, heads, C) at a level of `height` rows; the mask is read at that level by
+        striding (owned parts end on multiples of 8 pixels: whole level-4 pixels)."""
+        if self.mask is None:
+            frame = module.get_variable("tsab_global", "sums")
+            return tuple(g.astype(q.dtype) for g in frame)
+        f = self.mask.shape[1] // height
+        m = self.mask[:, ::f, ::f].reshape(q.shape[0], q.shape[1], 1, 1).astype(q.dtype)
+        c = q.shape[-1]
+        # One product and one sum over the pixels for owned and whole-tile sums alike: each
+        # further reader of q, k costs a pass over them (XLA fuses their 3x3 conv into it).
+        grams = pixel_gram(jnp.concatenate([q * m, q], -1), k)  # (B, heads, 2C, C)
+        qq, kk = jnp.square(q), jnp.square(k)
+        squares = jnp.sum(jnp.concatenate([qq * m, qq, kk * m, kk], -1), axis=1)  # (B, heads, 4C)
+        own = (grams[..., :c, :], squares[..., :c], squares[..., 2 * c : 3 * c])
+        local = (grams[..., c:, :], squares[..., c : 2 * c], squares[..., 3 * c :])
+        module.variable("tsab_stats", "sums", lambda: own).value = own
+        # The tile's sums as owned + the rest: the layer's output then depends on its owned
+        # sums, so XLA computes them at once. Left to be outputs only, they were scheduled
+        # last, keeping every layer's q and k alive (8x a plain pass's memory).
+        return tuple(a + (b - a) for a, b in zip(own, local, strict=True))
+
+
+_FRAME_STATS: contextvars.ContextVar[FrameStats | None] = contextvars.ContextVar(
+    "frame_stats", default=None
+)
+
+
+@contextlib.contextmanager
+def frame_stats(stats: FrameStats):
+    """Within it (while tracing), TSAB layers take statistics as FrameStats says."""
+    token = _FRAME_STATS.set(stats)
+    try:
+        yield
+    finally:
+        _FRAME_STATS.reset(token)
+
+
 class ChannelAttention(nn.Module):
     """TSAB attention (MDTA): heads x (C_h x C_h) attention over L2-normalised q, k."""
 
@@ -67,11 +125,16 @@ class ChannelAttention(nn.Module):
         # q, k are L2-normalised over the spatial axis (F.normalize, eps 1e-12); scaling the
         # small C_h x C_h Gram matrix instead of the two full-size tensors is the same product.
         temperature = self.param("temperature", nn.initializers.ones, (self.heads,))
+        frame = _FRAME_STATS.get()
+        if frame is None:
+            gram = pixel_gram(q, k)
+            sq, sk = jnp.sum(jnp.square(q), axis=1), jnp.sum(jnp.square(k), axis=1)
+        else:  # a large tile that takes the frame's statistics
+            gram, sq, sk = frame.exchange(self, h, q, k)
         # rsqrt of the clamped square: same value as 1/max(|q|, 1e-12), but a finite gradient
         # on flat (all-zero) inputs where sqrt's derivative is infinite.
-        inv_q = lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(q), axis=1), 1e-24))  # (b, h, c)
-        inv_k = lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(k), axis=1), 1e-24))
-        attn = pixel_gram(q, k) * inv_q[..., :, None] * inv_k[..., None, :]
+        inv_q, inv_k = lax.rsqrt(jnp.maximum(sq, 1e-24)), lax.rsqrt(jnp.maximum(sk, 1e-24))
+        attn = gram * inv_q[..., :, None] * inv_k[..., None, :]
         attn = jax.nn.softmax(attn * temperature.astype(x.dtype)[:, None, None], axis=-1)
         out = channel_mix(attn, v).reshape(b, h, w, c)
         return Conv1x1(c, self.bias, name="project_out")(out)

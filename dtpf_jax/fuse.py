@@ -2,7 +2,8 @@
 
     python -m dtpf_jax.fuse --vis DIR|FILE --ir DIR|FILE --out DIR [--weights NAME|PATH]
         [--color rgb|ycbcr|gray] [--mode auto|full|tiles|large] [--buckets auto|fine|coarse]
-        [--bits 8|16] [--recursive] [--keep-going] [--skip-existing] [--html FILE]
+        [--bits 8|16] [--large-passes 1|2] [--recursive] [--keep-going] [--skip-existing]
+        [--html FILE]
     python -m dtpf_jax.fuse --weights teacher.msgpack --text "Event Type: Low Light ..." ...
     python -m dtpf_jax.fuse              # built-in demo pair -> ./dtpf_demo/ (index.html)
 
@@ -131,6 +132,7 @@ def run(
     tile_batch: int = 16,
     buckets: str = "coarse",
     bits: int = 8,
+    large_passes: int = 1,
 ):
     """Fuse every job and write its PNG (8- or 16-bit) atomically; returns Stats.
 
@@ -153,7 +155,9 @@ def run(
             stats.tiled += job_mode == "tiles"
             stats.large += job_mode == "large"
             with TileBar(quiet) as tiles:
-                fused = _fuse_one(job, model, vis, ir, emb, job_mode, tile_batch, buckets, tiles)
+                fused = _fuse_one(
+                    job, model, vis, ir, emb, job_mode, tile_batch, buckets, tiles, large_passes
+                )
             pending.append(pool.submit(_save, job, fused, vis, color, bits))
             while len(pending) > 2:  # bounded: at most 2 finished images wait for their PNG
                 pending.pop(0).result()
@@ -205,7 +209,16 @@ class TileBar:
 
 
 def _fuse_one(
-    job: Job, model: infer.Model, vis, ir, emb, mode: str, tiles: int, buckets: str, progress=None
+    job: Job,
+    model: infer.Model,
+    vis,
+    ir,
+    emb,
+    mode: str,
+    tiles: int,
+    buckets: str,
+    progress=None,
+    passes: int = 1,
 ) -> np.ndarray:
     try:
         return model.fuser(
@@ -217,6 +230,7 @@ def _fuse_one(
             tile_batch=tiles,
             buckets=buckets,
             progress=progress,
+            passes=passes,
         )[0]
     except (MemoryError, RuntimeError) as e:
         if "RESOURCE_EXHAUSTED" not in str(e) and not isinstance(e, MemoryError):
@@ -278,6 +292,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="mode auto: large tiles above N pixels (default $DTPF_MAX_FULL_PIXELS or "
         f"{infer.MAX_FULL_PIXELS}; 0 = never)",
+    )
+    p.add_argument(
+        "--large-passes",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        metavar="N",
+        help="large mode: 1 (default) or 2 runs over the tiles. With 2, every tile runs on "
+        "the channel-attention (TSAB) statistics of the whole frame, added up over the tiles "
+        "by the first run, instead of its own: about twice the time, closer to a full pass",
     )
     p.add_argument("--tile-batch", type=int, default=16, metavar="N", help="tiles per call")
     p.add_argument(
@@ -396,6 +420,7 @@ def fuse_main(args) -> int:
         max(1, args.tile_batch),
         buckets,
         args.bits,
+        args.large_passes,
     )
     if args.html:
         _write_page(args, jobs, model)

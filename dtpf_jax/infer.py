@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 from flax.traverse_util import unflatten_dict
 
+from dtpf_jax import attention, networks, tiling
 from dtpf_jax import color as colorspace
-from dtpf_jax import networks, tiling
 from dtpf_jax.networks import build_model
 
 BUCKETS = ("coarse", "fine")
@@ -81,11 +81,36 @@ class Fuser:
         self.text_dim = int(model_cfg.text_dim)
         self.trace_count = 0
         self._apply = jax.jit(self._forward)
+        self._apply_collect = jax.jit(self._forward_collect)
+        self._apply_global = jax.jit(self._forward_global)
 
     def _forward(self, params, vis, ir, text_emb):
         self.trace_count += 1  # runs only while tracing, i.e. once per new shape
         out = self.model.apply({"params": params}, vis, ir, text_emb)
         return jnp.clip(out.astype(jnp.float32), 0.0, 1.0)
+
+    def _forward_collect(self, params, vis, ir, text_emb, mask):
+        """Pass 1 of a tile that shares its frame's TSAB statistics (attention.FrameStats):
+        each TSAB layer's sums over the pixels `mask` marks (the fused tile is not kept)."""
+        self.trace_count += 1
+        return self._frame_apply(params, vis, ir, text_emb, mask)[1]
+
+    def _forward_global(self, params, vis, ir, text_emb, frame_sums):
+        """Pass 2: the tile fused on the frame's sums (the tiles' pass-1 sums added up)."""
+        self.trace_count += 1
+        out, _ = self._frame_apply(params, vis, ir, text_emb, None, frame_sums)
+        return jnp.clip(out.astype(jnp.float32), 0.0, 1.0)
+
+    def _frame_apply(self, params, vis, ir, text_emb, mask, frame_sums=None):
+        """model.apply inside attention.frame_stats: -> (fused, owned sums or None)."""
+        variables = {"params": params}
+        if frame_sums is not None:
+            variables["tsab_global"] = frame_sums
+        with attention.frame_stats(attention.FrameStats(mask)):
+            if mask is None:
+                return self.model.apply(variables, vis, ir, text_emb), None
+            out, state = self.model.apply(variables, vis, ir, text_emb, mutable=["tsab_stats"])
+        return out, state["tsab_stats"]
 
     def _text(self, text_emb, batch: int):
         if not self.text_dim:
@@ -106,11 +131,14 @@ class Fuser:
         buckets: str = "coarse",
         progress: tiling.Progress | None = None,
         tile_pixels: int = tiling.LARGE_TILE_PIXELS,
+        passes: int = 1,
     ):
         """vis (B, H, W, 3), ir (B, H, W, 1) float in [0, 1] -> fused (B, H, W, 3) in [0, 1].
 
         Mode 'full' pads to the shape bucket (`bucket_size`) of `buckets`; 'large' runs tiles
-        of at most `tile_pixels`. progress(done, total) is called after each tile.
+        of at most `tile_pixels`, in `passes` (1 or 2) runs over them: with 2, each tile runs
+        on the frame's TSAB statistics, added up over the tiles by the first (tiling.FrameRun).
+        progress(done, total) is called after each tile.
         """
         vis, ir = _as_batch(vis, 3), _as_batch(ir, 1)
         if vis.shape[:3] != ir.shape[:3]:
@@ -122,7 +150,17 @@ class Fuser:
         if mode == "tiles":
             return tiling.official_tiles(run, vis, ir, text, tile_batch, progress)
         if mode == "large":
-            return tiling.large_tiles(run, vis, ir, text, tile_pixels, progress=progress)
+            frame = None
+            if passes == 2:
+                frame = tiling.FrameRun(
+                    functools.partial(self._apply_collect, params),
+                    functools.partial(self._apply_global, params),
+                )
+            elif passes != 1:
+                raise ValueError(f"passes must be 1 or 2, not {passes!r}")
+            return tiling.large_tiles(
+                run, vis, ir, text, tile_pixels, progress=progress, frame=frame
+            )
         raise ValueError(f"unknown mode {mode!r}; use 'full', 'tiles' or 'large'")
 
     def _full(self, params, vis, ir, text, buckets):
@@ -355,6 +393,7 @@ def fuse_images(
     clip: str = DEFAULT_CLIP,
     buckets: str = "coarse",
     progress: tiling.Progress | None = None,
+    large_passes: int = 1,
 ):
     """Fuse one pair (PIL images, image file paths, (H, W[, C]) arrays) or a batch
     ((B, H, W, C) arrays).
@@ -366,7 +405,8 @@ def fuse_images(
     buckets: 'coarse' (default; few compiled shapes when called over images of many sizes)
     or 'fine' (less padding: faster for images of one size, e.g. 480x640 runs unpadded).
     mode: 'full', 'tiles', 'large' or 'auto' ('large' above MAX_FULL_PIXELS); progress(done,
-    total) is called after each tile of 'tiles' and 'large'.
+    total) is called after each tile of 'tiles' and 'large'. large_passes: 1 or 2 runs
+    over the large tiles; with 2, each tile runs on the whole frame's TSAB statistics.
     """
     from PIL import Image
 
@@ -379,7 +419,16 @@ def fuse_images(
         raise ValueError(f"visible {v.shape[:3]} and infrared {i.shape[:3]} sizes differ")
     emb = text_embedding(model, text, v.shape[0], clip)
     run_mode = pick_mode(mode, v.shape[1], v.shape[2])
-    fused = model.fuser(model.params, v, i, emb, mode=run_mode, buckets=buckets, progress=progress)
+    fused = model.fuser(
+        model.params,
+        v,
+        i,
+        emb,
+        mode=run_mode,
+        buckets=buckets,
+        progress=progress,
+        passes=large_passes,
+    )
     out = apply_color(fused, v, color)
     out = out[0] if single else out
     if floats:

@@ -15,7 +15,13 @@ Distance to one full-frame pass at 1280x1024, 8-bit, 64 px from the border (ship
 the demo scene, M3FD 00471 and MSRS 00004N / 00055D resized): the plan of that size (1x2 tiles
 of 1024x704, a 128 px seam) stays within 1 level; forced 576x640 tiles stay within 2 with 128 px
 seams and 3 with 64 px seams (p99.9: 2; the seams of 4000x3000's plan are 64 px). Far from
-any seam the tiles' own channel statistics (TSAB) leave up to 2 levels.
+any seam the tiles' own channel statistics (TSAB) leave up to 2 levels: at 4000x3000 (2x7
+tiles, the demo scene) up to 4, p99.9 3, 7 % of pixels over 1.
+
+`FrameRun` takes those statistics away at the price of a second run over the tiles: pass 1
+adds up, per TSAB layer, the sums behind its attention (q k^T, |q|^2, |k|^2) over the pixels
+each tile owns (`ownership`: a partition of the frame, cut mid-seam), and pass 2 runs every
+tile on the frame's sums. What is left is the seams' (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
+import jax
 import numpy as np
 
 TILE = 128
@@ -167,6 +174,31 @@ def seam_weights(axis: Axis, n: int, crop: int = LARGE_CROP) -> list[np.ndarray]
     return weights
 
 
+@dataclasses.dataclass(frozen=True)
+class FrameRun:
+    """Large tiles that share the frame's TSAB statistics, in two runs over the tiles.
+
+    collect(vis, ir, text, mask) -> a tile's pytree of TSAB sums over the pixels it owns
+    (mask 1), on its own statistics; fuse(vis, ir, text, frame_sums) -> the tile fused on the
+    frame's sums (pass 1's, added up over the tiles).
+    """
+
+    collect: Callable
+    fuse: Callable
+
+
+def ownership(axis: Axis, n: int, multiple: int = 8) -> list[tuple[int, int]]:
+    """Per tile, the [lo, hi) of the axis it owns, relative to its start: the owned parts
+    partition [0, n), split mid-seam on multiples of `multiple` (a pixel block of the
+    network's coarsest level lies in one tile)."""
+    cuts = [0]
+    for k in range(1, len(axis.starts)):
+        lo, hi = axis.starts[k], min(axis.starts[k - 1] + axis.length, n)
+        cuts.append(max(lo, min(hi, (lo + hi) // 2 // multiple * multiple)))
+    cuts.append(n)
+    return [(a - s, b - s) for s, a, b in zip(axis.starts, cuts[:-1], cuts[1:], strict=True)]
+
+
 def large_tiles(
     run,
     vis: np.ndarray,
@@ -176,31 +208,55 @@ def large_tiles(
     overlap: int = LARGE_OVERLAP,
     progress: Progress | None = None,
     plan: tuple[Axis, Axis] | None = None,
+    frame: FrameRun | None = None,
 ) -> np.ndarray:
     """(B, H, W, C) images in large tiles with blended seams; run(vis, ir, text) fuses one.
 
-    `plan`: (rows, cols) instead of plan_large's.
+    `plan`: (rows, cols) instead of plan_large's; `frame`: the tiles run on the frame's TSAB
+    statistics (FrameRun), in two runs over the tiles.
     """
     b, h, w, _ = vis.shape
     rows, cols = plan or plan_large(h, w, max_pixels, overlap)
     wy, wx = seam_weights(rows, h), seam_weights(cols, w)
+    oy, ox = ownership(rows, h), ownership(cols, w)
+    boxes = [
+        (y, x, ry, rx, owned_y, owned_x)
+        for y, ry, owned_y in zip(rows.starts, wy, oy, strict=True)
+        for x, rx, owned_x in zip(cols.starts, wx, ox, strict=True)
+    ]
+    passes = 1 if frame is None else 2
     fused = np.zeros((b, h, w, 3), np.float32)
-    total, done = b * len(rows.starts) * len(cols.starts), 0
+    total, done = passes * b * len(boxes), 0
     if progress is not None:
         progress(0, total)
     for i in range(b):
         tt = None if text is None else text[i : i + 1]
-        for y, ry in zip(rows.starts, wy, strict=True):
-            for x, rx in zip(cols.starts, wx, strict=True):
+        frame_sums = None
+        for p in range(passes):
+            for y, x, ry, rx, (y0, y1), (x0, x1) in boxes:
                 tv = _tile(vis[i : i + 1], y, x, rows.length, cols.length)
                 ti = _tile(ir[i : i + 1], y, x, rows.length, cols.length)
-                out = np.asarray(run(tv, ti, tt))[0]
-                hh, ww = min(rows.length, h - y), min(cols.length, w - x)
-                weight = (ry[:hh, None] * rx[None, :ww]).astype(np.float32)[..., None]
-                fused[i, y : y + hh, x : x + ww] += out[:hh, :ww] * weight
+                if frame is None:
+                    out = run(tv, ti, tt)
+                elif p == 0:  # pass 1: add up the sums over the pixels each tile owns
+                    mask = np.zeros(tv.shape[:3], np.float32)
+                    mask[:, y0:y1, x0:x1] = 1.0
+                    own = jax.tree.map(
+                        lambda a: np.asarray(a, np.float64), frame.collect(tv, ti, tt, mask)
+                    )
+                    add = frame_sums is not None
+                    frame_sums = jax.tree.map(np.add, frame_sums, own) if add else own
+                else:
+                    out = frame.fuse(tv, ti, tt, frame_sums)
+                if p == passes - 1:  # blend the last pass's tiles
+                    hh, ww = min(rows.length, h - y), min(cols.length, w - x)
+                    weight = (ry[:hh, None] * rx[None, :ww]).astype(np.float32)[..., None]
+                    fused[i, y : y + hh, x : x + ww] += np.asarray(out)[0, :hh, :ww] * weight
                 done += 1
                 if progress is not None:
                     progress(done, total)
+            if frame_sums is not None:
+                frame_sums = jax.tree.map(lambda a: a.astype(np.float32), frame_sums)
     return np.clip(fused, 0.0, 1.0, out=fused)
 
 

@@ -487,6 +487,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--large-pair", metavar="VIS,IR", help="resize this pair (default: demo)")
     p.add_argument(
+        "--large-passes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="big frames: fuse --large-passes N (2: tiles on the frame's TSAB statistics)",
+    )
+    p.add_argument(
+        "--large-check-pixels",
+        type=int,
+        default=benchmark_large.CHECK_PIXELS,
+        metavar="N",
+        help="--large-check only up to N pixels (a full pass takes ~1.2 GiB a megapixel)",
+    )
+    p.add_argument(
         "--large-check", action="store_true", help="big frames: distance to a full-frame pass"
     )
     p.add_argument(
@@ -543,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fuse CLI figure skipped: {e}")
     large = []
     for h, w in map(_size, _list(args.large)):
-        large.append(benchmark_large.bench(h, w, args.large_pair, args.large_check))
+        check = args.large_check and h * w <= args.large_check_pixels
+        large.append(benchmark_large.bench(h, w, args.large_pair, check, args.large_passes))
         print(json.dumps(large[-1]), flush=True)
         if args.json:
             write_json(args.json, records + large)

@@ -11,9 +11,10 @@ through `python -m dtpf_jax.fuse` in a fresh process, twice: first with an empty
 (user + system: what the run costs when the 2 cores are not shared) and the peak RSS come from
 the process itself (wait4), the tiles from `tiling.plan_large`. --large-check also fuses the
 pair in one full-frame pass in this process and says how far the CLI's PNG lies from it
-(8-bit levels, 64 px or more from the image border), for sizes up to 4 Mpixel (a full pass
-takes about 1.8 GiB a megapixel). The load average is recorded: on a shared machine the wall
-time moves with it, the CPU time much less.
+(8-bit levels, 64 px or more from the image border), for sizes up to 4 Mpixel unless
+--large-check-pixels says more (a full pass at 4000x3000 peaks at 14.4 GiB and takes about
+4.5 minutes here). --large-passes N runs `fuse --large-passes N`. The load average is
+recorded: on a shared machine the wall time moves with it, the CPU time much less.
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ def make_pair(h: int, w: int, pair: str | None) -> tuple[np.ndarray, np.ndarray]
     )
 
 
-def fuse_cli(vis_path: pathlib.Path, ir_path: pathlib.Path, out: pathlib.Path, cache) -> dict:
+def fuse_cli(
+    vis_path: pathlib.Path, ir_path: pathlib.Path, out: pathlib.Path, cache, passes: int = 1
+) -> dict:
     """One fresh `python -m dtpf_jax.fuse` process: seconds, CPU seconds, peak RSS, its summary."""
     cmd = [sys.executable, "-m", "dtpf_jax.fuse", "--quiet", "--vis", str(vis_path)]
-    cmd += ["--ir", str(ir_path), "--out", str(out)]
+    cmd += ["--ir", str(ir_path), "--out", str(out), "--large-passes", str(passes)]
     env = dict(os.environ, DTPF_JAX_CACHE=str(cache))
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -80,7 +83,7 @@ def deviation(fused: np.ndarray, full: np.ndarray) -> dict:
     }
 
 
-def bench(h: int, w: int, pair: str | None = None, check: bool = False) -> dict:
+def bench(h: int, w: int, pair: str | None = None, check: bool = False, passes: int = 1) -> dict:
     """The record of one size: plan, cold and warm fuse runs, and with `check` vs_full."""
     vis, ir = make_pair(h, w, pair)
     rows, cols = tiling.plan_large(h, w)
@@ -92,6 +95,7 @@ def bench(h: int, w: int, pair: str | None = None, check: bool = False) -> dict:
         "mode": infer.pick_mode("auto", h, w),
         "tiles": f"{len(rows.starts)}x{len(cols.starts)} of {rows.length}x{cols.length}",
         "tiled_pixels": round(rows.work * cols.work / (h * w), 3),
+        "passes": passes,
         "load": [round(x, 2) for x in os.getloadavg()],
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,8 +103,10 @@ def bench(h: int, w: int, pair: str | None = None, check: bool = False) -> dict:
         write_png_atomic(root / "vis.png", vis)
         write_png_atomic(root / "ir.png", ir)
         for run in ("cold", "warm"):  # the cold run fills the cache the warm one reads
-            rec[run] = fuse_cli(root / "vis.png", root / "ir.png", root / "out", root / "cache")
-        if check and h * w <= CHECK_PIXELS:
+            rec[run] = fuse_cli(
+                root / "vis.png", root / "ir.png", root / "out", root / "cache", passes
+            )
+        if check:
             fused = np.asarray(Image.open(root / "out" / "vis.png"))
             full = infer.fuse_images(vis, ir, mode="full", buckets="fine")
             rec["vs_full"] = deviation(fused, full)
@@ -110,15 +116,16 @@ def bench(h: int, w: int, pair: str | None = None, check: bool = False) -> dict:
 
 def table(records: list[dict]) -> str:
     """One line per big frame: the fuse CLI's cold and warm runs, and the distance to full."""
-    head = f"{'input':<11}{'tiles':>20}{'cold s':>8}{'CPU s':>7}{'warm s':>8}{'CPU s':>7}"
+    head = f"{'input':<11}{'tiles':>22}{'cold s':>8}{'CPU s':>7}{'warm s':>8}{'CPU s':>7}"
     head += f"{'peak MiB':>10}{'vs full max / p99.9':>21}{'load':>6}"
     lines = ["fuse CLI on big frames (fresh processes; cold: empty compile cache)", head]
     for r in records:
         c, wm, d = r["cold"], r["warm"], r.get("vs_full")
         near = f"{d['max']} / {d['p99.9']:g}" if d else "-"
         peak = max(c["peak_mib"], wm["peak_mib"])
+        tiles = r["tiles"] + (f" x{r['passes']}" if r.get("passes", 1) > 1 else "")
         lines.append(
-            f"{r['width']}x{r['height']:<6}{r['tiles']:>20}{c['s']:>8.1f}{c['cpu_s']:>7.1f}"
+            f"{r['width']}x{r['height']:<6}{tiles:>22}{c['s']:>8.1f}{c['cpu_s']:>7.1f}"
             f"{wm['s']:>8.1f}{wm['cpu_s']:>7.1f}{peak:>10}{near:>21}{r['load'][0]:>6.1f}"
         )
     return "\n".join(lines)

@@ -127,6 +127,12 @@ def case_huge(root):  # auto runs it as one large tile of 128², the shape test_
     return ["--max-full-pixels", "10000", "--tile-batch", "2"], 0, ""
 
 
+def case_huge_two_passes(root):  # the large tile twice, the second on the frame's statistics
+    _save(root / "vis" / "a.png", _vis(100, 120))
+    _save(root / "ir" / "a.png", _ir(100, 120))
+    return ["--max-full-pixels", "10000", "--large-passes", "2"], 0, ""
+
+
 def case_weights_missing(root):
     _good(root)
     return ["--weights", str(root / "nope.msgpack")], 2, "not found"
@@ -227,7 +233,7 @@ def test_bad_input_matrix(case, tmp_path, weights, capsys):
         assert img.mode == "RGB" and img.size == (w, h)
     done = [line for line in captured.out.splitlines() if line.startswith("done: ")]
     assert len(done) == 1 and done[0].startswith(("done: 1 image in", "done: 1 image, "))
-    if case is case_huge:
+    if case in (case_huge, case_huge_two_passes):
         assert "note: 1 image above" in captured.out and "large mode" in captured.out
         assert "1 in large tiles" in captured.out and "128² tiles" not in captured.out
 

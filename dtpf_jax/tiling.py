@@ -213,51 +213,57 @@ def large_tiles(
     """(B, H, W, C) images in large tiles with blended seams; run(vis, ir, text) fuses one.
 
     `plan`: (rows, cols) instead of plan_large's; `frame`: the tiles run on the frame's TSAB
-    statistics (FrameRun), in two runs over the tiles.
+    statistics (FrameRun), added up by a first run over tiles of half the pixels.
     """
     b, h, w, _ = vis.shape
     rows, cols = plan or plan_large(h, w, max_pixels, overlap)
     wy, wx = seam_weights(rows, h), seam_weights(cols, w)
-    oy, ox = ownership(rows, h), ownership(cols, w)
-    boxes = [
-        (y, x, ry, rx, owned_y, owned_x)
-        for y, ry, owned_y in zip(rows.starts, wy, oy, strict=True)
-        for x, rx, owned_x in zip(cols.starts, wx, ox, strict=True)
-    ]
-    passes = 1 if frame is None else 2
+    xs = list(zip(cols.starts, wx, strict=True))
+    blend = [(y, x, ry, rx) for y, ry in zip(rows.starts, wy, strict=True) for x, rx in xs]
+    collect = []  # pass 1 of a FrameRun: tiles and the part of each that it owns
+    if frame is not None:
+        crows, ccols = plan or _collect_plan(h, w, max_pixels, overlap) or (rows, cols)
+        owned = lambda axis, n: zip(axis.starts, ownership(axis, n), strict=True)
+        collect = [(y, x, oy, ox) for y, oy in owned(crows, h) for x, ox in owned(ccols, w)]
     fused = np.zeros((b, h, w, 3), np.float32)
-    total, done = passes * b * len(boxes), 0
+    total, done = b * (len(collect) + len(blend)), 0
     if progress is not None:
         progress(0, total)
     for i in range(b):
         tt = None if text is None else text[i : i + 1]
         frame_sums = None
-        for p in range(passes):
-            for y, x, ry, rx, (y0, y1), (x0, x1) in boxes:
-                tv = _tile(vis[i : i + 1], y, x, rows.length, cols.length)
-                ti = _tile(ir[i : i + 1], y, x, rows.length, cols.length)
-                if frame is None:
-                    out = run(tv, ti, tt)
-                elif p == 0:  # pass 1: add up the sums over the pixels each tile owns
-                    mask = np.zeros(tv.shape[:3], np.float32)
-                    mask[:, y0:y1, x0:x1] = 1.0
-                    own = jax.tree.map(
-                        lambda a: np.asarray(a, np.float64), frame.collect(tv, ti, tt, mask)
-                    )
-                    add = frame_sums is not None
-                    frame_sums = jax.tree.map(np.add, frame_sums, own) if add else own
-                else:
-                    out = frame.fuse(tv, ti, tt, frame_sums)
-                if p == passes - 1:  # blend the last pass's tiles
-                    hh, ww = min(rows.length, h - y), min(cols.length, w - x)
-                    weight = (ry[:hh, None] * rx[None, :ww]).astype(np.float32)[..., None]
-                    fused[i, y : y + hh, x : x + ww] += np.asarray(out)[0, :hh, :ww] * weight
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-            if frame_sums is not None:
-                frame_sums = jax.tree.map(lambda a: a.astype(np.float32), frame_sums)
+        for y, x, (y0, y1), (x0, x1) in collect:  # add up the sums over the owned pixels
+            shape = (crows.length, ccols.length)
+            tv, ti = _tile(vis[i : i + 1], y, x, *shape), _tile(ir[i : i + 1], y, x, *shape)
+            mask = np.zeros((1, *shape), np.float32)
+            mask[:, y0:y1, x0:x1] = 1.0
+            own = jax.tree.map(lambda a: np.asarray(a, np.float64), frame.collect(tv, ti, tt, mask))
+            frame_sums = own if frame_sums is None else jax.tree.map(np.add, frame_sums, own)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        if frame is not None:
+            frame_sums = jax.tree.map(lambda a: a.astype(np.float32), frame_sums)
+        for y, x, ry, rx in blend:
+            tv = _tile(vis[i : i + 1], y, x, rows.length, cols.length)
+            ti = _tile(ir[i : i + 1], y, x, rows.length, cols.length)
+            out = run(tv, ti, tt) if frame is None else frame.fuse(tv, ti, tt, frame_sums)
+            hh, ww = min(rows.length, h - y), min(cols.length, w - x)
+            weight = (ry[:hh, None] * rx[None, :ww]).astype(np.float32)[..., None]
+            fused[i, y : y + hh, x : x + ww] += np.asarray(out)[0, :hh, :ww] * weight
+            done += 1
+            if progress is not None:
+                progress(done, total)
     return np.clip(fused, 0.0, 1.0, out=fused)
+
+
+def _collect_plan(h: int, w: int, max_pixels: int, overlap: int) -> tuple[Axis, Axis] | None:
+    """Pass 1 of a FrameRun takes 1.75x the work memory of a plain tile (it forms each TSAB
+    layer's sums twice, owned and whole): its tiles get half the pixels (None: no such plan)."""
+    try:
+        return plan_large(h, w, max_pixels // 2, overlap)
+    except ValueError:
+        return None
 
 
 def _tile(x: np.ndarray, y0: int, x0: int, th: int, tw: int) -> np.ndarray:

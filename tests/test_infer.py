@@ -229,6 +229,20 @@ def test_large_tiles_share_the_frames_channel_statistics(tiny_student):
     # On the whole frame's own sums, pass 2 is a full pass.
     again = fuse._apply_global(params, vis, ir, None, frame)
     np.testing.assert_allclose(np.asarray(again), full, atol=1e-5)
+    # Pass 1 runs tiles of half the pixels (its memory): with room for the frame in one
+    # tile, pass 2 is that tile on the sums of 1 x 3 smaller ones, close to the full pass.
+    calls.clear()
+    one_tile = fuse(
+        params,
+        vis,
+        ir,
+        mode="large",
+        tile_pixels=192 * 256,
+        passes=2,
+        progress=lambda *a: calls.append(a),
+    )
+    assert calls == [(k, 4) for k in range(5)]
+    assert 0 < np.abs(one_tile - full).mean() < 0.7 * gap2  # 0.011 against 0.018
     with pytest.raises(ValueError, match="passes must be 1 or 2"):
         fuse(params, vis, ir, mode="large", passes=3)
 

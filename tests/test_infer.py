@@ -193,16 +193,14 @@ def test_large_tiles_share_the_frames_channel_statistics(tiny_student):
     vis = np.clip(vis + 0.3 * np.random.default_rng(0).random(vis.shape, np.float32) - 0.15, 0, 1)
     full = fuse(params, vis, ir, mode="full")
     one = fuse(params, vis, ir, mode="large", tile_pixels=128 * 128)
-    traces, calls = fuse.trace_count, []
-    two = fuse(
-        params,
-        vis,
-        ir,
-        mode="large",
-        tile_pixels=128 * 128,
-        passes=2,
-        progress=lambda *a: calls.append(a),
-    )
+    traces = fuse.trace_count
+
+    def two_passes(tile_pixels: int):
+        calls = []
+        kw = dict(mode="large", passes=2, progress=lambda *a: calls.append(a))
+        return fuse(params, vis, ir, tile_pixels=tile_pixels, **kw), calls
+
+    two, calls = two_passes(128 * 128)
     assert fuse.trace_count == traces + 2  # a program per pass, one shape each
     assert calls == [(k, 12) for k in range(13)]  # 2 passes over 2 x 3 tiles
     # A random net's tiles differ from the full frame by their statistics and their seams;
@@ -231,16 +229,7 @@ def test_large_tiles_share_the_frames_channel_statistics(tiny_student):
     np.testing.assert_allclose(np.asarray(again), full, atol=1e-5)
     # Pass 1 runs tiles of half the pixels (its memory): with room for the frame in one
     # tile, pass 2 is that tile on the sums of 1 x 3 smaller ones, close to the full pass.
-    calls.clear()
-    one_tile = fuse(
-        params,
-        vis,
-        ir,
-        mode="large",
-        tile_pixels=192 * 256,
-        passes=2,
-        progress=lambda *a: calls.append(a),
-    )
+    one_tile, calls = two_passes(192 * 256)
     assert calls == [(k, 4) for k in range(5)]
     assert 0 < np.abs(one_tile - full).mean() < 0.7 * gap2  # 0.011 against 0.018
     with pytest.raises(ValueError, match="passes must be 1 or 2"):

@@ -37,8 +37,12 @@ command's start, so that installing the carried wheels counts):
 
 timing.json's "phase" says what the run was doing when it was last written.
 
+8. The persistent compile cache packed as xla_cache.tar (pack_compile_cache), once after the
+   probe and again at the end, when a file slot is left: a later session carries it back
+   (device_train.sh stage) and its train step loads instead of compiling.
+
 OUT then holds at most 8 files: run.log (device_train.sh's tee), timing.json, candidates.json,
-speed.json and at most 4 student files of ~8.8 MB.
+at most 4 student files of ~8.8 MB, and speed.json (with --grid_s) or xla_cache.tar.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 import traceback
 
@@ -73,6 +78,9 @@ GRID = (
 BF16_SPEEDUP = 0.9  # bfloat16 is picked if its step takes at most this fraction of float32's
 BF16_LOSS_TOLERANCE = 1.02  # ... and its probe loss is at most this multiple of float32's
 INPUT_MARGIN = 1.5  # reading threads must give this many batches per step, else add workers
+# What the device tool brings back: at most 8 files of at most 16 MiB each, 64 MiB in all.
+OUT_FILES, OUT_FILE_BYTES = 8, 16 * 2**20
+CACHE_TAR = "xla_cache.tar"
 
 
 class Timing:
@@ -267,6 +275,74 @@ def speed_grid(out: pathlib.Path, grid: str, seconds: float, probe_results: dict
     images.atomic_write(path, json.dumps(records, indent=1) + "\n")
 
 
+class CacheEvents:
+    """Programs loaded from the persistent compile cache and programs compiled anew."""
+
+    def __init__(self):
+        self.hits = self.compiles = 0
+        jax.monitoring.register_event_listener(self._event)
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+
+    def _event(self, event: str, **_) -> None:
+        self.hits += event == "/jax/compilation_cache/cache_hits"
+
+    def _duration(self, event: str, seconds: float, **_) -> None:
+        self.compiles += event == "/jax/core/compile/backend_compile_duration"
+
+
+def pack_compile_cache(cache_dir: pathlib.Path, out: pathlib.Path) -> dict:
+    """The persistent compile cache as out/xla_cache.tar, for a later session to carry back
+    (device_train.sh stage, XLA_CACHE_TAR): a warm cache spares the train step's compile (1.5-4
+    minutes on the H200); XLA's per-fusion autotuning results, packed first, still serve a step
+    whose code changed. Within the tool's limits: no tar if out would hold more than 8 files;
+    entries that would take the tar over 16 MiB are left out (the later compiled first)."""
+    others = [p for p in out.iterdir() if p.name != CACHE_TAR]
+    dest = out / CACHE_TAR
+    if len(others) >= OUT_FILES or not cache_dir.is_dir():
+        dest.unlink(missing_ok=True)
+        return {"packed": 0, "why": "no file slot left" if cache_dir.is_dir() else "no cache"}
+    entries = [p for p in cache_dir.rglob("*") if p.is_file()]
+    # autotuning results first (small, keyed per fusion), then programs in the order compiled
+    # (the probe's first: the next run needs them first); stage keeps a prefix when room is short
+    tuned = {p for p in entries if p.relative_to(cache_dir).parts[0].startswith("xla_gpu")}
+    entries.sort(key=lambda p: (p not in tuned, p.stat().st_mtime))
+    part, size, packed = out / f"{CACHE_TAR}.part", 1024, 0  # 1024: the tar's end blocks
+    with tarfile.open(part, "w") as tar:
+        for p in entries:
+            cost = 512 + -(-p.stat().st_size // 512) * 512
+            if size + cost > OUT_FILE_BYTES:
+                continue
+            tar.add(p, arcname=str(p.relative_to(cache_dir)))
+            size, packed = size + cost, packed + 1
+    os.replace(part, dest)
+    return {"packed": packed, "left_out": len(entries) - packed, "bytes": dest.stat().st_size}
+
+
+def trim_cache_tar(argv: list[str] | None = None) -> int:
+    """SRC DEST ROOM: the longest prefix of SRC's entries (their packing order) that fits in ROOM
+    bytes as DEST (device_train.sh stage: what fits in what travels). A bad SRC carries nothing."""
+    src, dest, room = argv or sys.argv[1:]
+    kept, size = [], 1024
+    try:
+        with tarfile.open(src) as tar_in:
+            members = tar_in.getmembers()
+            for m in members:
+                cost = 512 + -(-m.size // 512) * 512
+                if not m.isfile() or size + cost > int(room):
+                    break
+                kept.append(m)
+                size += cost
+            if kept:
+                with tarfile.open(dest, "w") as tar_out:
+                    for m in kept:
+                        tar_out.addfile(m, tar_in.extractfile(m))
+    except (OSError, tarfile.TarError) as e:
+        print(f"warning: {src}: {e}; no compile cache carried", file=sys.stderr)
+        return 1
+    print(f"compile cache: {len(kept)} of {len(members)} entries of {src} carried")
+    return 0
+
+
 def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) -> None:
     f = flags.FLAGS
     deadline = timing.t0 + f.budget_s
@@ -309,6 +385,7 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) ->
     dtypes = DTYPES if f.dtype == "auto" else (f.dtype,)
     timing(phase="probe: compiling the train step")
     results, compiled = probe(config, mesh, batches, dtypes, timing)
+    bring_back_cache(out, timing)  # the train step's program, should the run go no further
     dtype, why = pick_dtype(results)
     config.model.dtype = dtype
     steps_per_s = results[dtype]["steps_per_s"]
@@ -372,12 +449,30 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) ->
     timing(done=True, phase="done")
 
 
+_EVENTS: CacheEvents | None = None
+
+
+def bring_back_cache(out: pathlib.Path, timing: Timing) -> None:
+    """pack_compile_cache, its outcome and the cache's hits so far in timing.json."""
+    cache = jax.config.jax_compilation_cache_dir
+    field = dict(timing.fields.get("compile_cache", {}), hits=_EVENTS.hits)
+    field.update(compiled=_EVENTS.compiles - _EVENTS.hits)
+    if cache and flags.FLAGS.bring_back_cache:
+        try:
+            field.update(pack_compile_cache(pathlib.Path(cache), out))
+        except OSError as e:  # the cache is a bonus: never the reason a run fails
+            field.update(packed=0, why=f"{type(e).__name__}: {e}")
+    timing(compile_cache=field)
+
+
 def main(argv: list[str]) -> None:
+    global _EVENTS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     if f.compile_cache and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(f.compile_cache))
+    _EVENTS = CacheEvents()
     logging.get_absl_logger().addFilter(  # as train.main: orbax's save chatter out
         lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
     )
@@ -386,6 +481,9 @@ def main(argv: list[str]) -> None:
     out = pathlib.Path(f.out)
     out.mkdir(parents=True, exist_ok=True)
     timing = Timing(out / "timing.json", f.t0 or time.time())
+    cache = jax.config.jax_compilation_cache_dir
+    entries = sum(p.is_file() for p in pathlib.Path(cache).rglob("*")) if cache else 0
+    timing(compile_cache={"dir": cache, "entries_at_start": entries})
     try:
         run(f.config, out, timing)
     except BaseException as e:
@@ -393,6 +491,8 @@ def main(argv: list[str]) -> None:
         if isinstance(e, images.DataError | checkpoint.WeightsError):
             sys.exit(f"error: {e}")
         raise
+    finally:
+        bring_back_cache(out, timing)
 
 
 def define_flags() -> None:
@@ -420,6 +520,9 @@ def define_flags() -> None:
     flags.DEFINE_string("grid", GRID, "scripts/benchmark.py arguments of the speed grid")
     flags.DEFINE_string("scratch", "/tmp/dtpf_device", "decoded data and the run's workdir")
     flags.DEFINE_string("compile_cache", "~/.cache/dtpf_jax/jax", "persistent XLA cache")
+    flags.DEFINE_bool(
+        "bring_back_cache", True, f"the compile cache as OUT/{CACHE_TAR} (if a file slot is left)"
+    )
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@
 # On a lent GPU (one H200; 15 min of device time in all, start included; 10 min a command):
 #   1. here, in the session's checkout (/work/main), once: bash scripts/device_train.sh stage
 #      -> .carry/ (git-ignored, 19 MiB: msrs/train, its captions and embedding cache, the 5
-#      wheels the device lacks); it prints what travels: working tree + .carry, 55 MiB of 64.
+#      wheels the device lacks, and what fits of an earlier loan's compile cache, step 4); it
+#      prints what travels: working tree + .carry, 55 MiB of 64 without the cache.
 #   2. device tool: run(command="bash scripts/device_train.sh run", carry=[".carry"],
 #      timeout_s=550): training, BUDGET_S=510 s (a fresh machine's start adds ~35 s).
 #   3. at once (a machine stays warm 30 s): run(command="MODE=grid bash scripts/device_train.sh
 #      run", carry=[".carry"], timeout_s=260): the speed grid, GRID_S=240 s; then give_back().
+#   4. here: keep step 2's compile cache for the next loan (files_at of each command stay):
+#      mkdir -p ~/.cache/dtpf_jax && cp FILES_AT/xla_cache.tar ~/.cache/dtpf_jax/device_xla_cache.tar
 #   If step 2 failed early, timing.json ("phase", "error") and run.log say why; a second try of
 #   it replaces step 3, e.g. BUDGET_S=240 (DTYPE=float32 if bf16 was the trouble).
 #   What the first GPU session (2026-12-04) learned, and why the defaults are what they are:
@@ -27,8 +30,12 @@
 # pipeline's batches/s) written as measured (DTYPE=float32 forces fp32, DTYPE=auto probes
 # both and picks), training in the probe's program until BUDGET_S - 30 s (export), four
 # candidates exported. GRID_S=150 would add the speed grid after them (only the smoke form
-# does, by default). Back in $OUT (7 files, ~36 MB): run.log, timing.json, candidates.json and
-# student_sNNNNN.msgpack x 4 (float16 params, 8.8 MB each, `fuse --weights FILE` loads them).
+# does, by default). Back in $OUT (8 files, ~36 MB + the cache): run.log, timing.json,
+# candidates.json, student_sNNNNN.msgpack x 4 (float16 params, 8.8 MB each, `fuse --weights FILE`
+# loads them) and xla_cache.tar (the compile cache, at most 16 MiB; packed after the probe and
+# again at the end). Keep it: cp FILES_AT/xla_cache.tar ~/.cache/dtpf_jax/device_xla_cache.tar;
+# the next stage carries what fits of it (XLA_CACHE_TAR= names another file), and run unpacks it
+# into /tmp/dtpf_xla_cache, where the train step then loads instead of compiling.
 #
 # MODE=distill (later runs): the teacher on MSRS, then the student distilled from it, starting
 # from the shipped student (dtpf_jax/weights/student_ivf.msgpack); the teacher (80 MB in fp16)
@@ -43,7 +50,7 @@
 # msrs/train frames and on RoadScene's pairs after the first 40, which no table uses; the
 # winner ships only if below both the shipped student and the visible image):
 #   python scripts/select_student.py --candidates FILES_AT/student_s*.msgpack \
-#       --data ../shared/data --out selection --ship    # about an hour on 2 cores
+#       --data ../shared/data --out selection --ship    # ~35 min on 2 cores (rows cached)
 #   (--ship copies a winner to dtpf_jax/weights/student_ivf.msgpack with its record .json;
 #   python -m pytest tests/test_weights.py checks them.) If it shipped, remake the tables,
 #   the figure and README's GPU speed rows (speed.json; "kind": "train_step" records are the
@@ -92,6 +99,15 @@ stage() {
   tree=$({ git ls-files -z; git ls-files -z --others --exclude-standard; } \
     | du -cb --files0-from=- | tail -1 | cut -f1)
   carry=$(du -sb "$CARRY" | cut -f1)
+  # An earlier run's compile cache (xla_cache.tar, brought back by a lent session), its entries
+  # in the order packed (autotuning results, then programs in the order compiled), as many as
+  # fit in what travels with 1 MiB to spare.
+  local cache_tar=${XLA_CACHE_TAR:-$HOME/.cache/dtpf_jax/device_xla_cache.tar}
+  if [ -f "$cache_tar" ]; then
+    python -c 'import sys; sys.path.insert(0, "scripts"); import device_train as d; d.trim_cache_tar()' \
+      "$cache_tar" "$CARRY/xla_cache.tar" $((63 * 1048576 - tree - carry)) || true
+    carry=$(du -sb "$CARRY" | cut -f1)
+  fi
   echo "travels: working tree $((tree / 1048576)) MiB + $CARRY $((carry / 1048576)) MiB of 64 MiB"
   [ $((tree + carry)) -lt $((64 * 1048576)) ] || { echo "error: over 64 MiB" >&2; exit 2; }
 }
@@ -119,9 +135,18 @@ run_student() {
   [ ! -d "$CARRY/captions" ] || caps=("--config.data.captions=$CARRY/captions")
   # Training takes at most 40 % of the GPU's memory, as it needs it; the speed grid after it
   # (a process of its own) up to 55 %.
+  # The compile cache: a folder holding the carried one's entries if any; it comes back as
+  # OUT/xla_cache.tar (device_train.py, --bring_back_cache). Keep its path the same from one
+  # session to the next: jax's cache key holds it (XLA's autotuning folder lies under it).
+  local cache=${XLA_CACHE:-/tmp/dtpf_xla_cache}
+  mkdir -p "$cache"
+  if [ -f "$CARRY/xla_cache.tar" ]; then
+    tar -xf "$CARRY/xla_cache.tar" -C "$cache" || echo "warning: carried compile cache unreadable"
+  fi
   XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.4} \
     XLA_PYTHON_CLIENT_PREALLOCATE=false python3 scripts/device_train.py \
     --config "configs/distill.py:$variant" --out "$out" --t0 "$t0" --install_s "$install_s" \
+    --compile_cache "$cache" \
     --budget_s "${BUDGET_S:-510}" --grid_s "$grid_s" \
     --dtype "${DTYPE:-bfloat16}" --probe_steps "$probe" --scratch "${SCRATCH:-/tmp/dtpf_device}" \
     "--config.data.root=$CARRY/data" "${caps[@]}" \

@@ -24,11 +24,17 @@ a distilled student replaces the shipped one only by it too):
 Writes <out>/selection.md (the table and the verdict), <out>/scores.csv (per image) and
 <out>/decision.json (the verdict; when it ships, the record for dtpf_jax/weights/
 student_ivf.json); --ship then also copies the winner to dtpf_jax/weights/student_ivf.msgpack
-and writes that record beside it (tests/test_weights.py checks the pair). About an
-hour on an idle 2-core CPU for 4 candidates (183 pairs fused by 5 networks, a loss compile per
-RoadScene size); --roadscene-every 10 scores the 19 pairs at positions 40, 50, ..., 220 (the
-earlier CPU runs' RoadScene validation) in a few minutes: a quick look, not the rule, never
-shipped.
+and writes that record beside it (tests/test_weights.py checks the pair).
+
+Each image's row is also kept in <out>/cache/ (--cache), keyed by the method (a network by its
+weight file's sha256), the pair's two files and the code that makes a row (CODE: the inference,
+loss and metric modules, the baseline, jax's version): a run that stops resumes where it stopped,
+and the shipped student's and the baselines' rows, computed once, serve every later selection
+until that code changes. Fusing is the cost, ~3 s a RoadScene pair and network on an idle
+2-core CPU: about 35 minutes for 4 new candidates (183 pairs, a loss compile per RoadScene
+size), 45 with the shipped student's rows not yet cached. --roadscene-every 10 scores the 19
+pairs at positions 40, 50, ..., 220 (the earlier CPU runs' RoadScene validation) in a few
+minutes: a quick look, not the rule, never shipped.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import argparse
 import csv
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
 import pathlib
@@ -55,6 +62,22 @@ SHIPPED = infer.WEIGHTS_DIR / "student_ivf.msgpack"
 MSRS_HELD_BACK = (0.95, 1.0)  # datasets.default_config().val_split
 ROADSCENE_TABLES = 40  # roadscene:40, the tables' pairs
 INFO = ("IRT", "VIF", "Qabf")
+# What a cached row depends on besides the weights and the images (any edit: rows made anew):
+# these modules, the baseline function (its source), jax's version and ROW_VERSION, to be
+# raised whenever main() changes how a row is made.
+CODE = (
+    "dtpf_jax/attention.py",
+    "dtpf_jax/blocks.py",
+    "dtpf_jax/checkpoint.py",
+    "dtpf_jax/color.py",
+    "dtpf_jax/images.py",
+    "dtpf_jax/infer.py",
+    "dtpf_jax/losses.py",
+    "dtpf_jax/metrics.py",
+    "dtpf_jax/networks.py",
+    "dtpf_jax/tiling.py",
+)
+ROW_VERSION = 1
 
 
 def _baseline():
@@ -85,6 +108,54 @@ def _mean(values) -> float:
     return statistics.fmean(kept) if kept else float("nan")
 
 
+def code_key() -> str:
+    """A digest of what makes a row (CODE): the rows a cache folder may reuse."""
+    baseline = inspect.getsource(_baseline())
+    digest = hashlib.sha256(f"{ROW_VERSION}\0{jax.__version__}\0{baseline}".encode())
+    for rel in CODE:
+        digest.update(rel.encode() + b"\0" + (REPO / rel).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class RowCache:
+    """Rows by method and pair, one JSON-lines file per method under <folder>/<code_key()>/.
+
+    A method's key is its name for the baselines and its weight file's sha256 for a network (a
+    candidate renamed, or the same file as the shipped one, is not fused twice). A row is kept
+    under its pair's key (set, name and the sha256 of both image files) and appended as soon as
+    it is made, so a run that stops keeps what it scored; a half-written last line is ignored.
+    """
+
+    def __init__(self, folder: pathlib.Path | None):
+        self.folder = folder / code_key() if folder else None
+        self.rows: dict[tuple[str, str], dict] = {}
+        if self.folder and self.folder.is_dir():
+            for path in self.folder.glob("*.jsonl"):
+                for line in path.read_text().splitlines():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    self.rows[path.stem, row.pop("pair")] = row
+
+    def get(self, method_key: str, pair_key: str) -> dict | None:
+        return self.rows.get((method_key, pair_key))
+
+    def put(self, method_key: str, pair_key: str, row: dict) -> None:
+        self.rows[method_key, pair_key] = row
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / f"{method_key}.jsonl", "a") as f:
+                f.write(json.dumps({"pair": pair_key, **row}) + "\n")
+
+
+def pair_key(set_name: str, pair: datasets.Pair) -> str:
+    digest = hashlib.sha256(f"{set_name}\0{pair.name}".encode())
+    for path in (pair.a, pair.b):
+        digest.update(pathlib.Path(path).read_bytes())
+    return digest.hexdigest()[:24]
+
+
 def decide(scores: dict[str, float], candidates: list[str]) -> dict:
     """The winner among the candidates and whether it ships (below shipped and vis)."""
     winner = min(candidates, key=lambda m: scores[m])
@@ -106,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("selection"))
     p.add_argument("--roadscene-every", type=int, default=1, help="N > 1: not the rule")
     p.add_argument(
+        "--cache",
+        type=pathlib.Path,
+        help="folder of per-image rows reused while the code that makes them is unchanged "
+        "(default <out>/cache)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="score every image anew, keep nothing")
+    p.add_argument(
         "--ship",
         action="store_true",
         help="if the rule ships the winner: copy it to dtpf_jax/weights/student_ivf.msgpack and "
@@ -114,37 +192,54 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         sets = selection_sets(args.data, args.roadscene_every)
-        models = {"shipped": infer.load_model(args.shipped)} if args.shipped else {}
-        names = {}
+        files = {"shipped": args.shipped} if args.shipped else {}
         for path in args.candidates:
-            names[pathlib.Path(path).stem] = path
-            models[pathlib.Path(path).stem] = infer.load_model(path)
-    except (images.DataError, checkpoint.WeightsError) as e:
+            name = pathlib.Path(path).stem
+            if name in ("vis", "max", *files):
+                raise images.DataError(f"{path}: a second method named {name!r}; rename the file")
+            files[name] = path
+        models = {m: infer.load_model(path) for m, path in files.items()}
+        keys = {m: checkpoint.file_sha256(path) for m, path in files.items()}
+    except (images.DataError, checkpoint.WeightsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    names = {m: files[m] for m in files if m != "shipped"}
+    cache = RowCache(None if args.no_cache else args.cache or args.out / "cache")
     baseline = _baseline()
     weights = losses.default_weights("ivf")
     loss_fn = jax.jit(lambda f, v, i: losses.fusion_loss(f, v, i, weights)[0])  # one per shape
-    methods = ["vis", "max", *models]
-    rows, t0 = [], time.perf_counter()
+    methods = ["vis", "max", *files]
+    keys |= {"vis": "vis", "max": "max"}
+    rows, t0, reused = [], time.perf_counter(), 0
     for set_name, pairs in sets.items():
         for k, pair in enumerate(pairs):
-            vis, ir = images.read_image(pair.a, "RGB"), images.read_image(pair.b, "L")
-            outputs = {"vis": vis, "max": np.repeat(baseline(vis, ir, "max")[..., None], 3, -1)}
-            for name, model in models.items():
-                outputs[name] = infer.fuse_images(vis, ir, model, mode="full", buckets="coarse")
-            v, i = images.to_float(vis)[None], images.to_float(ir)[None]
-            for m in methods:
-                f = outputs[m]
+            pk = pair_key(set_name, pair)
+            found = {m: cache.get(keys[m], pk) for m in methods}
+            todo = [m for m in methods if found[m] is None]
+            reused += len(methods) - len(todo)
+            if todo:
+                vis, ir = images.read_image(pair.a, "RGB"), images.read_image(pair.b, "L")
+                v, i = images.to_float(vis)[None], images.to_float(ir)[None]
+            for m in todo:
+                if m == "vis":
+                    f = vis
+                elif m == "max":
+                    f = np.repeat(baseline(vis, ir, "max")[..., None], 3, -1)
+                else:
+                    f = infer.fuse_images(vis, ir, models[m], mode="full", buckets="coarse")
                 loss = float(loss_fn(images.to_float(f)[None], v, i))
                 info = metrics.evaluate_pair(f, vis, ir, "dtpf_table", INFO)
-                rows.append({"set": set_name, "name": pair.name, "method": m, "loss": loss, **info})
+                found[m] = {"loss": loss, **{k: float(x) for k, x in info.items()}}
+                cache.put(keys[m], pk, found[m])
+            rows += [{"set": set_name, "name": pair.name, "method": m, **found[m]} for m in methods]
             print(
                 f"{set_name} {k + 1}/{len(pairs)} {pair.name}: "
-                + " ".join(f"{r['method']} {r['loss']:.3f}" for r in rows[-len(methods) :])
+                + " ".join(f"{m} {found[m]['loss']:.3f}" for m in methods)
                 + f" ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
+    if reused:
+        print(f"{reused} of {len(rows)} rows from the cache ({cache.folder})")
     means = {
         (s, m): {
             k: _mean(r[k] for r in rows if r["set"] == s and r["method"] == m)

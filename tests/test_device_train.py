@@ -9,8 +9,10 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import jax
 
@@ -22,7 +24,7 @@ MIB = 2**20
 # What the device tool brings back: at most 8 files, 16 MiB each, 64 MiB together.
 XLA_FLAGS = os.environ["XLA_FLAGS"]  # conftest's
 OUT_FILE = re.compile(
-    r"(run\.log|timing\.json|candidates\.json|speed\.json|student_s\d{5}\.msgpack)"
+    r"(run\.log|timing\.json|candidates\.json|speed\.json|student_s\d{5}\.msgpack|xla_cache\.tar)"
 )
 
 
@@ -61,19 +63,26 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch)
         XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "", XLA_FLAGS),
         # the script calls python3: this interpreter (its venv), whether or not it is activated
         PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
-        # the smallest model of every module kind, batch 2; the session's compile cache
+        # a compile cache of its own, which comes back as xla_cache.tar (a slot is kept for it
+        # here by bringing back 3 candidates; the GPU form's 7 files leave one)
+        XLA_CACHE=str(tmp_path / "xla_cache"),
+        # the smallest model of every module kind, batch 2
         TRAIN_ARGS="--config.model.num_blocks=(0,0,0,0) --config.model.num_refinement_blocks=0 "
-        f"--config.batch_size=2 --compile_cache={jax.config.jax_compilation_cache_dir}",
+        "--config.batch_size=2 --candidates=3",
     )
-    proc = subprocess.run(
-        ["bash", "scripts/device_train.sh", "run"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def device_command(**more):
+        proc = subprocess.run(
+            ["bash", "scripts/device_train.sh", "run"],
+            cwd=REPO,
+            env=env | more,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    device_command()
 
     files = sorted(out.iterdir())
     names = [f.name for f in files]
@@ -98,7 +107,7 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch)
     run = json.loads((out / "candidates.json").read_text())
     cands = run["candidates"]
     assert run["config"]["eval_every"] == 0 and "validation" not in log  # none on the device
-    assert [c["step"] for c in cands] == [1, 2, 3, 4] and len(files) == 8
+    assert [c["step"] for c in cands] == [2, 3, 4] and len(files) == 8
     assert run["config"]["stage"] == "student" and run["config"]["model"]["remat"] is False
     for c in cands:
         params, cfg, meta = checkpoint.load_params(out / c["file"])
@@ -112,6 +121,38 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch)
     assert [(r["model"], r["batch"]) for r in forwards] == [("student", 1), ("student", 2)]
     assert all(r["compile_threads"] == 2 and r["compiles_beside"] in (0, 1) for r in forwards)
     assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in forwards + steps)
+
+    # the compile cache came back; carried into a second run, it serves the train step
+    cache = timing["compile_cache"]
+    assert cache["entries_at_start"] == 0 and cache["compiled"] > 0 and cache["packed"] > 0
+    with tarfile.open(out / "xla_cache.tar") as tar:
+        packed = tar.getnames()
+    assert len(packed) == cache["packed"] and not cache["left_out"]
+    (carry / "xla_cache.tar").write_bytes((out / "xla_cache.tar").read_bytes())
+    out2 = tmp_path / "out2"
+    # a fresh machine: the folder is new, at the same path (jax's cache key holds the path)
+    shutil.rmtree(tmp_path / "xla_cache")
+    device_command(OUT=str(out2), GRID_S="0")
+    timing2 = json.loads((out2 / "timing.json").read_text())
+    assert timing2["done"] and timing2["compile_cache"]["entries_at_start"] == len(packed)
+    assert timing2["compile_cache"]["hits"] >= 1, timing2["compile_cache"]
+    compile_s = [t["probe"]["bfloat16"]["compile_s"] for t in (timing, timing2)]
+    assert compile_s[1] < compile_s[0] / 2, compile_s
+    # stage carries the longest prefix of the entries that fits in what travels
+    dt, full = _script("device_train"), tmp_path / "full"
+    full.mkdir()
+    for name in [*(f"f{k}" for k in range(8)), "xla_cache.tar"]:
+        (full / name).write_bytes(b"")
+    first = tarfile.open(out / "xla_cache.tar").getmembers()[0]
+    room = str(1024 + 512 + -(-first.size // 512) * 512)  # the first entry only
+    assert dt.trim_cache_tar([str(out / "xla_cache.tar"), str(tmp_path / "t.tar"), room]) == 0
+    assert tarfile.open(tmp_path / "t.tar").getnames() == [first.name]
+    assert dt.trim_cache_tar([str(full / "f0"), str(tmp_path / "u.tar"), room]) == 1
+    assert not (tmp_path / "u.tar").exists()  # not a tar: nothing carried
+
+    # a run without a free file slot (8 others) brings back no tar, and leaves no older one
+    assert dt.pack_compile_cache(tmp_path / "xla_cache", full)["packed"] == 0
+    assert len(list(full.iterdir())) == 8 and not (full / "xla_cache.tar").exists()
 
     # the last candidate fuses a pair through the CLI, at the pair's size
     pair = tmp_path / "pair"
@@ -136,7 +177,7 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch)
     rule = sel.decide  # tested on its own below; forced to ship here, to test --ship
     monkeypatch.setattr(sel, "decide", lambda *a: {**rule(*a), "ships": True})
     files = [str(out / c["file"]) for c in cands]
-    argv = ["--candidates", *files[2:], "--shipped", files[0], "--data", str(root)]
+    argv = ["--candidates", *files[1:], "--shipped", files[0], "--data", str(root)]
     assert sel.main([*argv, "--out", str(tmp_path / "selection"), "--ship"]) == 0
     verdict = json.loads((tmp_path / "selection" / "decision.json").read_text())
     assert verdict["winner"] in ("student_s00003", "student_s00004")
@@ -150,6 +191,16 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch)
     assert len(rows) == 1 + 2 * 5  # 2 pairs x (vis, max, shipped, 2 candidates)
     table = (tmp_path / "selection" / "selection.md").read_text()
     assert "| vis | " in table and "| max | " in table and "(1 pairs)" in table
+
+    # a second selection takes every row from the first one's cache: nothing is fused again,
+    # the scores are the same; a candidate renamed is known by its weight file's sha256
+    renamed = tmp_path / "renamed.msgpack"
+    renamed.write_bytes(pathlib.Path(files[-1]).read_bytes())
+    monkeypatch.setattr(sel.infer, "fuse_images", lambda *a, **k: 1 / 0)
+    again = ["--candidates", files[1], str(renamed), "--shipped", files[0], "--data", str(root)]
+    assert sel.main([*again, "--out", str(tmp_path / "selection")]) == 0
+    rows_again = (tmp_path / "selection" / "scores.csv").read_text().splitlines()
+    assert rows_again == [r.replace(pathlib.Path(files[-1]).stem, "renamed") for r in rows]
 
 
 def test_dtype_pick_candidate_steps_and_ship_verdict():
@@ -179,6 +230,25 @@ def test_dtype_pick_candidate_steps_and_ship_verdict():
     }
     assert not sel.decide(scores | {"a": 7.02}, ["a", "b"])["ships"]  # above vis: not shipped
     assert not sel.decide(scores | {"shipped": 6.5}, ["a", "b"])["ships"]  # above the shipped
+
+
+def test_selection_row_cache(tmp_path, monkeypatch):
+    sel = _script("select_student")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(sel, "REPO", tmp_path)
+    monkeypatch.setattr(sel, "CODE", ("a.py",))
+    cache = sel.RowCache(tmp_path / "cache")
+    cache.put("vis", "p1", {"loss": 7.5, "IRT": float("nan")})
+    cache.put("vis", "p2", {"loss": 6.0, "IRT": 0.0})
+    with open(cache.folder / "vis.jsonl", "a") as f:
+        f.write('{"pair": "p3", "lo')  # a run killed while writing
+    again = sel.RowCache(tmp_path / "cache")
+    assert again.get("vis", "p2") == {"loss": 6.0, "IRT": 0.0}
+    assert math.isnan(again.get("vis", "p1")["IRT"]) and again.get("vis", "p3") is None
+    assert again.get("shipped", "p2") is None
+    (tmp_path / "a.py").write_text("x = 2\n")  # the code that makes the rows changed
+    assert sel.RowCache(tmp_path / "cache").get("vis", "p2") is None
+    assert sel.RowCache(None).get("vis", "p2") is None and sel.RowCache(None).folder is None
 
 
 def test_ship_rule_selection_sets(shared_data):

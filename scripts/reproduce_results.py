@@ -20,7 +20,9 @@ vi/ir or ct|pet|spect + mri layout; `REL:N` takes the first N pairs by name (lin
 rows appear only on --teacher-splits and where the teacher's kind matches.
 
 Fused images land in <out>/fused/<split>/<method>/<name>.png (existing files are reused, so an
-interrupted run resumes); per-image CSVs in <out>/csv/; the markdown tables, in the paper's
+interrupted run resumes; each folder's made_by.json says what made them, the weight file's
+sha256 among it, and a folder made by anything else is fused again: a new student never scores
+under the old one's images); per-image CSVs in <out>/csv/; the markdown tables, in the paper's
 columns, under both metric conventions (`dtpf_table`: as DTPF's test.py, comparable with the
 paper; `clean`: the textbook definitions on gray images) in <out>/tables.md.
 """
@@ -28,6 +30,7 @@ paper; `clean`: the textbook definitions on gray images) in <out>/tables.md.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import pathlib
 import sys
@@ -35,7 +38,7 @@ import time
 
 import numpy as np
 
-from dtpf_jax import color, config_lib, datasets, evaluate, images, infer, text
+from dtpf_jax import checkpoint, color, config_lib, datasets, evaluate, images, infer, text
 
 IVF_SPLITS = ("msrs/test", "roadscene", "tno", "m3fd")
 MED_SPLITS = ("harvard/pet_mri/test", "harvard/spect_mri/test", "harvard/ct_mri/test")
@@ -95,6 +98,36 @@ def resolve_split(args, spec: str) -> tuple[datasets.Split, list[datasets.Pair],
     )
 
 
+def made_by(args, method: str, model: infer.Model | None) -> dict:
+    """What makes a method's images: the baseline's name, or the network's weights and mode."""
+    if model is None:
+        return {"method": method}
+    source = pathlib.Path(model.source)
+    sha = checkpoint.file_sha256(source) if source.is_file() else model.source
+    stamp = {"method": method, "weights_sha256": sha, "dtype": model.config.dtype}
+    stamp["mode"] = "tiles" if method == "student_tiles" else args.mode
+    if method == "teacher":
+        stamp.update(captions=str(args.captions), text_mode=args.text_mode)
+    return stamp
+
+
+def _clear_if_stale(folder: pathlib.Path, stamp: dict) -> None:
+    """Drop the folder's images unless its made_by.json is `stamp`; then write the stamp."""
+    path = folder / "made_by.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if old == stamp:
+        return
+    stale = sorted(folder.glob("*.png"))
+    if stale:
+        log.warning("%s: %d images made by %s, not %s; fused again", folder, len(stale), old, stamp)
+        for f in stale:
+            f.unlink()
+    images.atomic_write(path, json.dumps(stamp, indent=1) + "\n")
+
+
 def fuse_split(args, split: datasets.Split, pairs, rel: str, models: dict, out: pathlib.Path):
     methods = []
     for method, model in models.items():
@@ -106,6 +139,7 @@ def fuse_split(args, split: datasets.Split, pairs, rel: str, models: dict, out: 
             continue
         folder = out / "fused" / rel.replace(":", "_first") / method
         folder.mkdir(parents=True, exist_ok=True)
+        _clear_if_stale(folder, made_by(args, method, model))
         todo = [p for p in pairs if not (folder / f"{p.name}.png").is_file()]
         emb = None
         if todo and method == "teacher":

@@ -52,18 +52,20 @@
 #   python scripts/select_student.py --candidates FILES_AT/student_s*.msgpack \
 #       --data ../shared/data --out selection --ship    # ~35 min on 2 cores (rows cached)
 #   (--ship copies a winner to dtpf_jax/weights/student_ivf.msgpack with its record .json;
-#   python -m pytest tests/test_weights.py checks them.) If it shipped, remake the tables,
-#   the figure and README's GPU speed rows (speed.json; "kind": "train_step" records are the
-#   student's training steps at batch 16, the others ms per call and images/s):
+#   python -m pytest tests/test_weights.py checks them.) README's GPU speed rows, shipped or
+#   not: python scripts/speed_table.py STEP3_FILES/speed.json STEP2_FILES/timing.json (a
+#   markdown table: batch 1 ms, batch 16 images/s, fp32 / bf16; the training step's line from
+#   the probe). If it shipped, remake the tables (each fused folder's made_by.json makes the new
+#   student's images be fused anew) and the figure:
 #   python scripts/reproduce_results.py --data ../shared/data --out results \
 #       --student dtpf_jax/weights/student_ivf.msgpack --student-med 'student_{task}'
 #   python scripts/make_gallery.py --out docs/gallery.png
 #
 # Rehearsals on the CPU: the smoke form (tests/test_device_train.py runs it: tiny configs,
-# 4 steps, 4 candidates, the grid on a tiny model; 40-50 s with the compile cache warm, 70-105 s
-# cold, on the shared 2-core machine), and the real configuration cut short (the real student,
-# batch 2, 3 steps, one dtype: 385 s here, 74 s of it the step's compile, 3.7 min before the
-# run's first step):
+# 4 steps, 3 candidates + the compile cache, the grid on a tiny model, then a second run from
+# the carried cache; 50-70 s on the shared 2-core machine), and the real configuration cut
+# short (the real student, batch 2, 3 steps, one dtype: 129 s here on 2026-12-04, 53 s of it
+# the step's compile; 385 s on a busier day):
 #   SMOKE=1 OUT=/tmp/device_out bash scripts/device_train.sh run   # needs .carry (stage)
 #   DTYPE=float32 BUDGET_S=3600 PROBE_STEPS=3 OUT=/tmp/device_out \
 #     TRAIN_ARGS="--config.batch_size=2 --config.steps=3" GRID="--models student,teacher \

@@ -122,6 +122,13 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch)
     assert all(r["compile_threads"] == 2 and r["compiles_beside"] in (0, 1) for r in forwards)
     assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in forwards + steps)
 
+    # README's GPU rows from what came back
+    table = _script("speed_table").render(speed, timing)
+    assert "| student | 64² | " in table and "batch 2, images/s: fp32 / bf16" in table
+    row = next(line for line in table.splitlines() if line.startswith("| student | 64²"))
+    assert re.fullmatch(r"\| student \| 64² \| [\d.]+ / – \| [\d.]+ / – \|", row), row
+    assert "- training step, student, batch 2 of 64², bfloat16: " in table
+
     # the compile cache came back; carried into a second run, it serves the train step
     cache = timing["compile_cache"]
     assert cache["entries_at_start"] == 0 and cache["compiled"] > 0 and cache["packed"] > 0
@@ -249,6 +256,32 @@ def test_selection_row_cache(tmp_path, monkeypatch):
     (tmp_path / "a.py").write_text("x = 2\n")  # the code that makes the rows changed
     assert sel.RowCache(tmp_path / "cache").get("vis", "p2") is None
     assert sel.RowCache(None).get("vis", "p2") is None and sel.RowCache(None).folder is None
+
+
+def test_speed_table_cells():
+    st = _script("speed_table")
+    rec = {"model": "teacher", "height": 480, "width": 640, "batch": 1, "device": "GPU X"}
+    records = [
+        {**rec, "dtype": "float32", "median_ms": 108.04, "images_per_s": 9.26},
+        {**rec, "dtype": "bfloat16", "error": "RESOURCE_EXHAUSTED: out of memory"},
+        {**rec, "batch": 16, "dtype": "bfloat16", "median_ms": 700.0, "images_per_s": 22.857},
+        {**rec, "model": "student", "height": 128, "width": 128, "dtype": "bfloat16",
+         "median_ms": 3.951, "images_per_s": 253.1},
+    ]  # fmt: skip
+    probe = {"compile_s": 158.5, "step_s": 0.0544, "steps_per_s": 18.38, "images_per_s": 294.1}
+    timing = {"crop": 128, "batch": 16, "probe": {"bfloat16": probe}}
+    lines = st.render(records, timing).splitlines()
+    assert lines[0] == "On GPU X:"
+    head = "| model | input | batch 1, ms: fp32 / bf16 | batch 16, images/s: fp32 / bf16 |"
+    assert lines[2] == head
+    assert lines[4:6] == [  # the student first, then by size
+        "| student | 128² | – / 3.95 | – / – |",
+        "| teacher | 480×640 | 108 / error | – / 22.9 |",
+    ]
+    assert lines[-1] == (
+        "- training step, student, batch 16 of 128², bfloat16: 18.4 steps/s (294 crops/s; "
+        "compile 158 s)"
+    )
 
 
 def test_ship_rule_selection_sets(shared_data):

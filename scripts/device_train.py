@@ -34,12 +34,11 @@ command's start, so that installing the carried wheels counts):
    training-step records appended: speed.json. (device_train.sh gives it no time outside its
    smoke form: on a GPU the grid is a second command, MODE=grid, and the training steps'
    figures are in timing.json's probe.)
-
-timing.json's "phase" says what the run was doing when it was last written.
-
 8. The persistent compile cache packed as xla_cache.tar (pack_compile_cache), once after the
    probe and again at the end, when a file slot is left: a later session carries it back
    (device_train.sh stage) and its train step loads instead of compiling.
+
+timing.json's "phase" says what the run was doing when it was last written.
 
 OUT then holds at most 8 files: run.log (device_train.sh's tee), timing.json, candidates.json,
 at most 4 student files of ~8.8 MB, and speed.json (with --grid_s) or xla_cache.tar.
@@ -292,10 +291,11 @@ class CacheEvents:
 
 def pack_compile_cache(cache_dir: pathlib.Path, out: pathlib.Path) -> dict:
     """The persistent compile cache as out/xla_cache.tar, for a later session to carry back
-    (device_train.sh stage, XLA_CACHE_TAR): a warm cache spares the train step's compile (1.5-4
-    minutes on the H200); XLA's per-fusion autotuning results, packed first, still serve a step
-    whose code changed. Within the tool's limits: no tar if out would hold more than 8 files;
-    entries that would take the tar over 16 MiB are left out (the later compiled first)."""
+    (device_train.sh stage, XLA_CACHE_TAR): a warm cache should spare the train step's compile
+    (1.5-4 minutes on the H200); XLA's per-fusion autotuning results, packed first, should still
+    serve a step whose code changed. Within the tool's limits: no tar if out would hold more
+    than 8 files; entries that would take the tar over 16 MiB are left out (the later compiled
+    first)."""
     others = [p for p in out.iterdir() if p.name != CACHE_TAR]
     dest = out / CACHE_TAR
     if len(others) >= OUT_FILES or not cache_dir.is_dir():

@@ -289,6 +289,15 @@ class CacheEvents:
         self.compiles += event == "/jax/core/compile/backend_compile_duration"
 
 
+def cache_rank(rel: pathlib.Path) -> int:
+    """Packing order of a cache entry, most wanted first: XLA's autotuning results (small, keyed
+    per fusion), the train steps' programs (jit__teacher_step-*, jit__distill_step-*: the long
+    compiles), then the rest. Stage carries what fits of a tar in this order."""
+    if rel.parts[0].startswith("xla_gpu"):
+        return 0
+    return 1 if "_step-" in rel.name else 2
+
+
 def pack_compile_cache(cache_dir: pathlib.Path, out: pathlib.Path) -> dict:
     """The persistent compile cache as out/xla_cache.tar, for a later session to carry back
     (device_train.sh stage, XLA_CACHE_TAR): a warm cache should spare the train step's compile
@@ -302,10 +311,7 @@ def pack_compile_cache(cache_dir: pathlib.Path, out: pathlib.Path) -> dict:
         dest.unlink(missing_ok=True)
         return {"packed": 0, "why": "no file slot left" if cache_dir.is_dir() else "no cache"}
     entries = [p for p in cache_dir.rglob("*") if p.is_file()]
-    # autotuning results first (small, keyed per fusion), then programs in the order compiled
-    # (the probe's first: the next run needs them first); stage keeps a prefix when room is short
-    tuned = {p for p in entries if p.relative_to(cache_dir).parts[0].startswith("xla_gpu")}
-    entries.sort(key=lambda p: (p not in tuned, p.stat().st_mtime))
+    entries.sort(key=lambda p: (cache_rank(p.relative_to(cache_dir)), p.stat().st_mtime))
     part, size, packed = out / f"{CACHE_TAR}.part", 1024, 0  # 1024: the tar's end blocks
     with tarfile.open(part, "w") as tar:
         for p in entries:
@@ -319,8 +325,8 @@ def pack_compile_cache(cache_dir: pathlib.Path, out: pathlib.Path) -> dict:
 
 
 def trim_cache_tar(argv: list[str] | None = None) -> int:
-    """SRC DEST ROOM: the longest prefix of SRC's entries (their packing order) that fits in ROOM
-    bytes as DEST (device_train.sh stage: what fits in what travels). A bad SRC carries nothing."""
+    """SRC DEST ROOM: SRC's entries in their packing order, each that still fits in ROOM bytes,
+    as DEST (device_train.sh stage: what fits in what travels). A bad SRC carries nothing."""
     src, dest, room = argv or sys.argv[1:]
     kept, size = [], 1024
     try:
@@ -329,7 +335,7 @@ def trim_cache_tar(argv: list[str] | None = None) -> int:
             for m in members:
                 cost = 512 + -(-m.size // 512) * 512
                 if not m.isfile() or size + cost > int(room):
-                    break
+                    continue
                 kept.append(m)
                 size += cost
             if kept:

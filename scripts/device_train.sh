@@ -101,9 +101,9 @@ stage() {
   tree=$({ git ls-files -z; git ls-files -z --others --exclude-standard; } \
     | du -cb --files0-from=- | tail -1 | cut -f1)
   carry=$(du -sb "$CARRY" | cut -f1)
-  # An earlier run's compile cache (xla_cache.tar, brought back by a lent session), its entries
-  # in the order packed (autotuning results, then programs in the order compiled), as many as
-  # fit in what travels with 1 MiB to spare.
+  # An earlier run's compile cache (xla_cache.tar, brought back by a lent session): its entries
+  # in the order packed (autotuning results, the train step, the rest), each that still fits in
+  # what travels with 1 MiB to spare.
   local cache_tar=${XLA_CACHE_TAR:-$HOME/.cache/dtpf_jax/device_xla_cache.tar}
   if [ -f "$cache_tar" ]; then
     python -c 'import sys; sys.path.insert(0, "scripts"); import device_train as d; d.trim_cache_tar()' \

@@ -135,6 +135,7 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch)
     with tarfile.open(out / "xla_cache.tar") as tar:
         packed = tar.getnames()
     assert len(packed) == cache["packed"] and not cache["left_out"]
+    assert packed[0].startswith("jit__teacher_step-")  # the train step first
     (carry / "xla_cache.tar").write_bytes((out / "xla_cache.tar").read_bytes())
     out2 = tmp_path / "out2"
     # a fresh machine: the folder is new, at the same path (jax's cache key holds the path)
@@ -145,13 +146,13 @@ def test_gpu_command_in_smoke_form_leaves_what_comes_back(tmp_path, monkeypatch)
     assert timing2["compile_cache"]["hits"] >= 1, timing2["compile_cache"]
     compile_s = [t["probe"]["bfloat16"]["compile_s"] for t in (timing, timing2)]
     assert compile_s[1] < compile_s[0] / 2, compile_s
-    # stage carries the longest prefix of the entries that fits in what travels
+    # stage carries the entries that fit in what travels, in their packing order
     dt, full = _script("device_train"), tmp_path / "full"
     full.mkdir()
     for name in [*(f"f{k}" for k in range(8)), "xla_cache.tar"]:
         (full / name).write_bytes(b"")
     first = tarfile.open(out / "xla_cache.tar").getmembers()[0]
-    room = str(1024 + 512 + -(-first.size // 512) * 512)  # the first entry only
+    room = str(1024 + 512 + -(-first.size // 512) * 512)  # room for the first entry only
     assert dt.trim_cache_tar([str(out / "xla_cache.tar"), str(tmp_path / "t.tar"), room]) == 0
     assert tarfile.open(tmp_path / "t.tar").getnames() == [first.name]
     assert dt.trim_cache_tar([str(full / "f0"), str(tmp_path / "u.tar"), room]) == 1

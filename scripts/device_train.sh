@@ -135,8 +135,6 @@ run_student() {
   local extra=(${TRAIN_ARGS:-})  # more --config.x=y overrides
   local caps=()  # the captions set the per-pair task weights ('default' without them)
   [ ! -d "$CARRY/captions" ] || caps=("--config.data.captions=$CARRY/captions")
-  # Training takes at most 40 % of the GPU's memory, as it needs it; the speed grid after it
-  # (a process of its own) up to 55 %.
   # The compile cache: a folder holding the carried one's entries if any; it comes back as
   # OUT/xla_cache.tar (device_train.py, --bring_back_cache). Keep its path the same from one
   # session to the next: jax's cache key holds it (XLA's autotuning folder lies under it).
@@ -145,6 +143,8 @@ run_student() {
   if [ -f "$CARRY/xla_cache.tar" ]; then
     tar -xf "$CARRY/xla_cache.tar" -C "$cache" || echo "warning: carried compile cache unreadable"
   fi
+  # Training takes at most 40 % of the GPU's memory, as it needs it; the speed grid after it
+  # (a process of its own) up to 55 %.
   XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.4} \
     XLA_PYTHON_CLIENT_PREALLOCATE=false python3 scripts/device_train.py \
     --config "configs/distill.py:$variant" --out "$out" --t0 "$t0" --install_s "$install_s" \

@@ -66,7 +66,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from dtpf_jax import captions, checkpoint, data, datasets, export, images, parallel, train
+from dtpf_jax import captions, checkpoint, data, datasets, export, fuse, images, parallel, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")
@@ -274,19 +274,9 @@ def speed_grid(out: pathlib.Path, grid: str, seconds: float, probe_results: dict
     images.atomic_write(path, json.dumps(records, indent=1) + "\n")
 
 
-class CacheEvents:
-    """Programs loaded from the persistent compile cache and programs compiled anew."""
-
-    def __init__(self):
-        self.hits = self.compiles = 0
-        jax.monitoring.register_event_listener(self._event)
-        jax.monitoring.register_event_duration_secs_listener(self._duration)
-
-    def _event(self, event: str, **_) -> None:
-        self.hits += event == "/jax/compilation_cache/cache_hits"
-
-    def _duration(self, event: str, seconds: float, **_) -> None:
-        self.compiles += event == "/jax/core/compile/backend_compile_duration"
+def _tar_bytes(size: int) -> int:
+    """What a file of `size` bytes adds to a tar: a 512-byte header and 512-byte blocks."""
+    return 512 + -(-size // 512) * 512
 
 
 def cache_rank(rel: pathlib.Path) -> int:
@@ -315,7 +305,7 @@ def pack_compile_cache(cache_dir: pathlib.Path, out: pathlib.Path) -> dict:
     part, size, packed = out / f"{CACHE_TAR}.part", 1024, 0  # 1024: the tar's end blocks
     with tarfile.open(part, "w") as tar:
         for p in entries:
-            cost = 512 + -(-p.stat().st_size // 512) * 512
+            cost = _tar_bytes(p.stat().st_size)
             if size + cost > OUT_FILE_BYTES:
                 continue
             tar.add(p, arcname=str(p.relative_to(cache_dir)))
@@ -333,7 +323,7 @@ def trim_cache_tar(argv: list[str] | None = None) -> int:
         with tarfile.open(src) as tar_in:
             members = tar_in.getmembers()
             for m in members:
-                cost = 512 + -(-m.size // 512) * 512
+                cost = _tar_bytes(m.size)
                 if not m.isfile() or size + cost > int(room):
                     continue
                 kept.append(m)
@@ -455,14 +445,14 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path, timing: Timing) ->
     timing(done=True, phase="done")
 
 
-_EVENTS: CacheEvents | None = None
+_BUILDS: fuse.Stats | None = None  # programs built and loaded from the cache, the whole run
 
 
 def bring_back_cache(out: pathlib.Path, timing: Timing) -> None:
     """pack_compile_cache, its outcome and the cache's hits so far in timing.json."""
     cache = jax.config.jax_compilation_cache_dir
-    field = dict(timing.fields.get("compile_cache", {}), hits=_EVENTS.hits)
-    field.update(compiled=_EVENTS.compiles - _EVENTS.hits)
+    field = dict(timing.fields.get("compile_cache", {}), hits=_BUILDS.cached)
+    field.update(compiled=_BUILDS.compiles)
     if cache and flags.FLAGS.bring_back_cache:
         try:
             field.update(pack_compile_cache(pathlib.Path(cache), out))
@@ -472,13 +462,13 @@ def bring_back_cache(out: pathlib.Path, timing: Timing) -> None:
 
 
 def main(argv: list[str]) -> None:
-    global _EVENTS
+    global _BUILDS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     if f.compile_cache and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(f.compile_cache))
-    _EVENTS = CacheEvents()
+    _BUILDS = fuse.Stats().__enter__()  # listens until the process ends
     logging.get_absl_logger().addFilter(  # as train.main: orbax's save chatter out
         lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
     )

@@ -9,9 +9,9 @@ command's start, so that installing the carried wheels counts):
 
 1. timing.json at once (device, versions, install time), rewritten after every measurement and
    with any exception, so that a run that fails still says how far it got and why.
-2. The training pairs decoded once into uncompressed BMP under --scratch (their captions copied
-   as <name>.txt): a 640x480 PNG pair costs ~5x the host time of a BMP pair, and 16 of them are
-   read per step.
+2. The training pairs (stage's lossless WebP files, or PNG) decoded once into uncompressed BMP
+   under --scratch (their captions copied as <name>.txt): a 640x480 PNG pair costs ~5x the host
+   time of a BMP pair, and 16 of them are read per step.
 3. The probe: the input pipeline's batches/s, then the train step of --config at --dtype
    (default bfloat16; `auto`: float32 and bfloat16, each compiled in a thread while the next is
    traced), the init program compiled beside it, then run for --probe_steps on real batches:
@@ -47,6 +47,7 @@ at most 4 student files of ~8.8 MB, and speed.json (with --grid_s) or xla_cache.
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
 import logging as std_logging
 import os
@@ -64,7 +65,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image
+from PIL import Image, features
 
 from dtpf_jax import captions, checkpoint, data, datasets, export, fuse, images, parallel, train
 
@@ -93,6 +94,20 @@ class Timing:
         images.atomic_write(self.path, json.dumps(self.fields, indent=1, default=str) + "\n")
 
 
+def read_training_image(path, mode: str) -> np.ndarray:
+    """images.read_image; a WebP file (stage's, webp_tree) through OpenCV where Pillow has no
+    WebP (the GPU machine's Pillow is expected to have it, and its OpenCV is the way out)."""
+    if pathlib.Path(path).suffix.lower() != ".webp" or features.check("webp"):
+        return images.read_image(path, mode)
+    import cv2  # the GPU machine has it; only this way out needs it
+
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise images.DataError(f"{path}: cannot decode: neither Pillow nor OpenCV reads WebP here")
+    rgb = Image.fromarray(np.ascontiguousarray(bgr[..., ::-1]))
+    return np.asarray(rgb.convert(mode), dtype=np.uint8)
+
+
 def decode_training_data(cfg: ml_collections.ConfigDict, dest: pathlib.Path):
     """cfg (a data config) read from BMP copies of its train and val pairs under dest."""
     roles = ("train", "val")
@@ -105,7 +120,7 @@ def decode_training_data(cfg: ml_collections.ConfigDict, dest: pathlib.Path):
         for src, mode in ((p.a, "RGB"), (p.b, "L")):
             folder = dest / "data" / p.split / pathlib.Path(src).parent.name
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images.read_image(src, mode)).save(folder / f"{p.name}.bmp")
+            Image.fromarray(read_training_image(src, mode)).save(folder / f"{p.name}.bmp")
         folder_caps = cfg.captions and captions.caption_dir(cfg.captions, p.split)
         found = folder_caps and captions.caption_file(folder_caps, p)
         if found:  # a missing caption is reported by the training run, as without this copy
@@ -336,6 +351,42 @@ def trim_cache_tar(argv: list[str] | None = None) -> int:
         print(f"warning: {src}: {e}; no compile cache carried", file=sys.stderr)
         return 1
     print(f"compile cache: {len(kept)} of {len(members)} entries of {src} carried")
+    return 0
+
+
+def webp_tree(argv: list[str] | None = None) -> int:
+    """ROOT: each 8-bit image under ROOT replaced by a lossless WebP file that decodes to the
+    same pixels, as RGB and as gray (device_train.sh stage: msrs/train's PNGs, 14.5 -> 9.8 MiB,
+    leave that much more of what travels to the compile cache). A file that would not come back
+    the same, or that is larger as WebP, stays as it is; without WebP in Pillow, all do."""
+    (root,) = argv or sys.argv[1:]
+    if not features.check("webp"):
+        print("warning: this Pillow has no WebP: the training images travel as they are")
+        return 0
+    before = after = 0
+    for src in sorted(pathlib.Path(root).rglob("*")):
+        if src.suffix.lower() not in images.IMAGE_EXTS or src.suffix.lower() == ".webp":
+            continue
+        size = src.stat().st_size
+        before += size
+        with Image.open(src) as img:
+            eight_bit = img.mode in ("L", "RGB")
+            encoded = io.BytesIO()
+            if eight_bit:
+                img.save(encoded, "WEBP", lossless=True, quality=100, method=6)
+        dest = src.with_suffix(".webp")
+        if eight_bit and encoded.tell() < size and not dest.exists():
+            images.atomic_write(dest, encoded.getvalue())
+            if all(
+                np.array_equal(images.read_image(dest, m), images.read_image(src, m))
+                for m in ("RGB", "L")
+            ):
+                src.unlink()
+                size = encoded.tell()
+            else:
+                dest.unlink()
+        after += size
+    print(f"training images: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB (WebP)")
     return 0
 
 

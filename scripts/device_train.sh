@@ -3,9 +3,10 @@
 #
 # On a lent GPU (one H200; 15 min of device time in all, start included; 10 min a command):
 #   1. here, in the session's checkout (/work/main), once: bash scripts/device_train.sh stage
-#      -> .carry/ (git-ignored, 19 MiB: msrs/train, its captions and embedding cache, the 5
-#      wheels the device lacks, and what fits of an earlier loan's compile cache, step 4); it
-#      prints what travels: working tree + .carry, 55 MiB of 64 without the cache.
+#      -> .carry/ (git-ignored, 10 MiB: msrs/train as lossless WebP, its captions and embedding
+#      cache, 4 wheels the device lacks (array_record: scripts/device_shim), and what fits of an
+#      earlier loan's compile cache, step 4); it prints what travels: working tree + .carry, 46
+#      MiB of 64 without the cache, which leaves the cache its whole 16 MiB.
 #   2. device tool: run(command="bash scripts/device_train.sh run", carry=[".carry"],
 #      timeout_s=550): training, BUDGET_S=510 s (a fresh machine's start adds ~35 s).
 #   3. at once (a machine stays warm 30 s): run(command="MODE=grid bash scripts/device_train.sh
@@ -74,7 +75,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=${CARRY:-.carry}
-WHEELS="grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml_collections==1.1.0 tensorboardX==2.6.5"
+# array_record, which grain imports, is scripts/device_shim there: the training reads no
+# ArrayRecord files, and its wheel (3.7 MB) would take the compile cache's room.
+WHEELS="grain==0.2.18 portpicker==1.6.0 ml_collections==1.1.0 tensorboardX==2.6.5"
 
 stage() {
   local data=${1:-../shared/data}
@@ -82,6 +85,10 @@ stage() {
   rm -rf "$CARRY"
   mkdir -p "$CARRY/data/msrs" "$CARRY/whl"
   cp -r "$data/msrs/train" "$CARRY/data/msrs/train"
+  # lossless WebP, each file checked to decode to the same pixels: 14.5 -> 9.8 MiB, room for
+  # the compile cache (scripts/device_train.py webp_tree; run decodes them once, to BMP)
+  python -c 'import sys; sys.path.insert(0, "scripts"); import device_train as d; d.webp_tree()' \
+    "$CARRY/data"
   python -m dtpf_jax.text caption "$CARRY/data" --out "$CARRY/captions"
   local clip=${CLIP:-}
   if [ -z "$clip" ]; then
@@ -119,6 +126,7 @@ install_wheels() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site "$CARRY"/whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    python3 -c "import array_record" 2>/dev/null || export PYTHONPATH=$PYTHONPATH:$PWD/scripts/device_shim
   fi
 }
 

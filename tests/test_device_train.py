@@ -15,6 +15,9 @@ import sys
 import tarfile
 
 import jax
+import numpy as np
+import pytest
+from PIL import Image
 
 from dtpf_jax import checkpoint, demo, fuse, text
 from dtpf_jax.images import read_image, write_png_atomic
@@ -303,3 +306,66 @@ def test_init_is_one_program_at_any_compute_dtype():
         programs.append(str(jax.make_jaxpr(steps.make_init(cfg))(jax.random.key(0))))
     assert programs[0] == programs[1]
     assert cfg.model.remat is False and cfg.batch_size == 4  # gpu's settings, smoke's sizes
+
+
+def test_stage_images_as_webp_and_grain_without_array_record(tmp_path, monkeypatch):
+    # stage's WebP files decode to the training images' pixels, as RGB and as gray
+    dt, root = _script("device_train"), tmp_path / "data"
+    _write_msrs_like(root, n=3)
+    pngs = sorted(root.rglob("*.png"))
+    deep = root / "other" / "deep.png"  # 16-bit: WebP would lose levels, so it stays
+    deep.parent.mkdir()
+    Image.fromarray(np.arange(48 * 40, dtype=np.uint16).reshape(48, 40) * 30).save(deep)
+    pixels = {p: [read_image(p, m) for m in ("RGB", "L")] for p in pngs}
+    before = sum(p.stat().st_size for p in pngs)
+    with monkeypatch.context() as m:  # a Pillow without WebP: the images travel as they are
+        m.setattr(dt.features, "check", lambda feature: False)
+        assert dt.webp_tree([str(root)]) == 0 and not list(root.rglob("*.webp"))
+    assert dt.webp_tree([str(root)]) == 0
+    webps = sorted(root.rglob("*.webp"))
+    assert [w.with_suffix(".png") for w in webps] == pngs and deep.exists()
+    assert not any(p.exists() for p in pngs) and sum(w.stat().st_size for w in webps) < before
+    for p, (rgb, gray) in pixels.items():
+        w = p.with_suffix(".webp")
+        assert np.array_equal(read_image(w, "RGB"), rgb)
+        assert np.array_equal(read_image(w, "L"), gray)
+
+    # grain with scripts/device_shim in place of array_record, as on the GPU machine, reads
+    # training batches from them
+    probe = f"""
+import sys
+sys.path.insert(0, {str(REPO / "scripts" / "device_shim")!r})
+import array_record.python.array_record_data_source as ar
+import grain
+from dtpf_jax import data, datasets
+assert "device_shim" in ar.__file__, ar.__file__
+try:
+    grain.sources.ArrayRecordDataSource([])
+except RuntimeError as e:
+    print("refused:", e)
+cfg = datasets.default_config()
+cfg.root, cfg.crop = {str(root)!r}, 32
+batch = next(data.make_train_iter(cfg, global_batch=2))
+print("batch", *sorted((k, v.shape) for k, v in batch.items() if hasattr(v, "shape")))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: array_record is not installed here" in proc.stdout
+    assert "('vis', (2, 32, 32, 3))" in proc.stdout and "('ir', (2, 32, 32, 1))" in proc.stdout
+
+
+def test_webp_read_through_opencv_where_pillow_lacks_it(tmp_path, monkeypatch):
+    # the way out on a GPU machine whose Pillow had no WebP: its OpenCV, to the same pixels
+    pytest.importorskip("cv2")  # the GPU machine has it; the test environment need not
+    dt, root = _script("device_train"), tmp_path / "data"
+    _write_msrs_like(root, n=1)
+    pngs = sorted(root.rglob("*.png"))
+    pixels = {p: [read_image(p, m) for m in ("RGB", "L")] for p in pngs}
+    assert dt.webp_tree([str(root)]) == 0
+    monkeypatch.setattr(dt.features, "check", lambda feature: False)
+    for p, (rgb, gray) in pixels.items():
+        w = p.with_suffix(".webp")
+        assert np.array_equal(dt.read_training_image(w, "RGB"), rgb)
+        assert np.array_equal(dt.read_training_image(w, "L"), gray)

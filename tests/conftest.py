@@ -5,6 +5,7 @@ Everything here runs before jax is imported by any test module.
 
 import os
 import pathlib
+from importlib import metadata
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -16,9 +17,15 @@ if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS
 # within ~3e-7 of the default build, and a third less CPU for the whole suite (1507 -> 1038 s;
 # a micro training step compiles in 4 s instead of 15). Subprocesses started by tests inherit
 # these flags. The package itself keeps XLA's defaults (faster programs, slower compiles).
-for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
-    if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
-        os.environ["XLA_FLAGS"] += " " + _flag
+# jaxlib 0.11 dropped the classic emitters and their flag, which XLA would refuse as unknown,
+# killing the process (pip gives Python 3.12 and later jax 0.12): there, -O0 alone.
+# FAST_COMPILE: the same as compile options, for programs that tests build explicitly.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+if tuple(int(x) for x in metadata.version("jaxlib").split(".")[:2]) < (0, 11):
+    FAST_COMPILE["xla_cpu_use_fusion_emitters"] = False
+for _name, _value in FAST_COMPILE.items():
+    if _name not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += f" --{_name}={str(_value).lower()}"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -21,14 +21,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import FAST_COMPILE
 from PIL import Image
 
 from dtpf_jax import checkpoint, datasets, export, losses, parallel, steps, train
 from dtpf_jax.report import NonFiniteLossError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# As conftest's XLA_FLAGS (LLVM -O0, classic fusion emitters), for programs built explicitly.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 def load_config(name: str, arg: str = ""):

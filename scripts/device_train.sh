@@ -72,6 +72,12 @@
 #     TRAIN_ARGS="--config.batch_size=2 --config.steps=3" GRID="--models student,teacher \
 #     --sizes 128x128 --batches 1 --dtypes float32 --runs 1 --warmup 0" \
 #     bash scripts/device_train.sh run
+# Both as the GPU machine has it (Python 3.12, jax 0.11.2, no grain: the carried wheels install
+# into /tmp/site and scripts/device_shim stands in for array_record), from a venv of those:
+#   ~/.pyenv/versions/3.12.1/bin/python -m venv /tmp/devlike && . /tmp/devlike/bin/activate &&
+#   pip install jax==0.11.2 jaxlib==0.11.2 flax optax orbax-checkpoint einops pillow \
+#     opencv-python-headless transformers tqdm && rm -rf /tmp/site   # then a command above
+# (2026-12-04: smoke 85 s, the real student 130 s; both done, 32 WebP pairs read).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=${CARRY:-.carry}

@@ -415,6 +415,51 @@ def test_non_finite_loss_stops_naming_the_step_and_last_good_checkpoint(tmp_path
     assert mngr.all_steps() == [2]  # the NaN state (step 4 is checkpointed) was never saved
 
 
+def _out_of_memory_at_2(n, batch):
+    if n == 2:  # a real XLA allocation failure: 128 TiB is past any CPU's address space
+        jax.jit(lambda: jax.numpy.ones((2**47,), np.uint8))().block_until_ready()
+    return batch
+
+
+def test_out_of_memory_says_where_and_what_to_do_in_one_line(tmp_path, tiny_run, monkeypatch):
+    seen, err = tiny_run(tmp_path / "oom", fault=_out_of_memory_at_2)
+    assert isinstance(err, train.OutOfMemoryError) and sorted(seen) == [1, 2]
+    n = jax.device_count()  # 4 fake CPU devices, 1 crop each
+    assert str(err).startswith(
+        f"out of memory in the teacher train step, {4 // n} crop{'s' * (n < 4)} of 64² per device "
+        f"(global batch 4 over {n} cpu device"
+    )
+    assert "RESOURCE_EXHAUSTED" in str(err) and "lower --config.batch_size" in str(err)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="^INTERNAL"):  # others pass unchanged
+        with train.OutOfMemoryHint("here", "fix"):
+            raise jax.errors.JaxRuntimeError("INTERNAL: not memory")
+    monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: (_ for _ in ()).throw(err))
+    with pytest.raises(SystemExit) as e:
+        train.run(load_config("teacher", "smoke"), "unused")
+    assert e.value.code == f"error: {err}" and "\n" not in e.value.code
+
+
+def test_cpu_step_that_would_not_fit_stops_before_it_runs(monkeypatch):
+    free = train.available_host_memory()
+    if sys.platform == "linux":  # bytes, between nothing and the machine's RAM
+        assert 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    ran = []
+
+    def add_4_mib(x):  # its output: 4 MiB
+        jax.debug.callback(lambda: ran.append(1))  # runs only where the program does
+        return x + jax.numpy.zeros((1 << 20,), np.float32)
+
+    hint = train.OutOfMemoryHint("the step", "do less")
+    monkeypatch.setattr(train, "available_host_memory", lambda: 64 << 20)
+    step = train.MemoryCheckedStep(jax.jit(add_4_mib), hint)
+    assert np.array_equal(step(np.float32(2)), np.full(1 << 20, 2)) and ran == [1]
+    assert step(np.float32(3))[0] == 3 and ran == [1, 1]  # compiled once, then reused
+    monkeypatch.setattr(train, "available_host_memory", lambda: 1 << 20)
+    with pytest.raises(train.OutOfMemoryError, match=r"^out of memory in the step: XLA plans"):
+        train.MemoryCheckedStep(jax.jit(add_4_mib), hint)(np.float32(2))
+    assert ran == [1, 1]  # it never ran
+
+
 def test_cli_turns_a_non_finite_loss_into_a_nonzero_exit(monkeypatch):
     def fail(config, workdir):
         raise NonFiniteLossError("non-finite loss (nan) at step 3; last good checkpoint: none")

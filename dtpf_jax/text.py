@@ -230,6 +230,9 @@ def make_random_clip(out_dir: str | os.PathLike, seed: int = 0, size: str = "tin
 def tree_strings(root: str | os.PathLike, captions: str | os.PathLike, mode: str) -> list[str]:
     """CLIP strings of the captioned pairs under `root` (splits without captions skipped)."""
     root, strings = pathlib.Path(root), []
+    write = f"write them first: python -m dtpf_jax.text caption {root} --out {captions}"
+    if not pathlib.Path(captions).is_dir():
+        raise DataError(f"{captions}: no caption folder; {write}")
     for split in find_splits(root):
         rel = relative_split(split, root)
         if not caption_dir(captions, rel).is_dir():
@@ -237,6 +240,8 @@ def tree_strings(root: str | os.PathLike, captions: str | os.PathLike, mode: str
             continue
         cfg = ConfigDict({"captions": str(captions), "kind": split.kind, "text_mode": mode})
         strings += pair_texts(cfg, split_pairs(split, root))[0]
+    if not strings:
+        raise DataError(f"{captions}: no captions of any pair under {root}; {write}")
     return strings
 
 

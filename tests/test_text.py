@@ -74,12 +74,16 @@ def test_caption_embed_and_pipeline_end_to_end(tiny_clip, tmp_path, caplog):
         _png(root / "set/vi" / f"{n}.png", rng.integers(0, 60, (20, 20, 3)))  # dark
         _png(root / "set/ir" / f"{n}.png", rng.integers(0, 256, (20, 20)))
     caps = tmp_path / "caps"
+    args = ["embed", str(root), "--captions", str(caps), "--clip", str(tiny_clip)]
+    assert text.main(args) == 2  # no captions yet: one error line, not numpy's traceback
     assert text.main(["caption", str(root), "--out", str(caps)]) == 0
     files = sorted(p.name for p in (caps / "set").iterdir())
     assert files == ["a.png_a.png.txt", "b.png_b.png.txt", "c.png_c.png.txt"]
     assert "Event Type: Low Light" in (caps / "set/a.png_a.png.txt").read_text()
     (caps / "set/c.png_c.png.txt").write_text("Event Type: Foggy\nDescription: haze\n")
-    args = ["embed", str(root), "--captions", str(caps), "--clip", str(tiny_clip)]
+    (tmp_path / "other").mkdir()  # a caption tree of other splits only
+    with pytest.raises(images.DataError, match=r"other: no captions of any pair under .*data; "):
+        text.tree_strings(root, tmp_path / "other", "template")
     assert text.main(args) == 0 and (caps / "clip_template.npz").is_file()
     cfg = datasets.default_config("ivf")
     cfg.update(root=str(root), train=("set",), train_split=(0, 1), crop=16, captions=str(caps))

@@ -257,8 +257,8 @@ def train_and_evaluate(
     )
     rates = LearningRates(config, t_loop=0.0)  # a bad schedule fails here, before any loading
     frozen = (load_teacher(config, mesh),) if config.stage == "distill" else ()
-    per_device = config.batch_size // mesh.size
-    devices = f"{mesh.size} {mesh.devices.flat[0].platform} device{'s' * (mesh.size > 1)}"
+    per_device, platform = config.batch_size // mesh.size, mesh.devices.flat[0].platform
+    devices = f"{mesh.size} {platform} device{'s' * (mesh.size > 1)}"
     step_memory = OutOfMemoryHint(
         f"the {config.stage} train step, {per_device} crop{'s' * (per_device > 1)} of "
         f"{config.data.crop}² per device (global batch {config.batch_size} over {devices})",
@@ -267,8 +267,9 @@ def train_and_evaluate(
     )
     if step_fn is None:
         step_fn = build_step(config, mesh)
-        cpu = mesh.devices.flat[0].platform == "cpu"
-        if cpu and jax.process_count() == 1 and hasattr(step_fn, "lower"):  # jitted
+        # One process (several compile through parallel.StartTogether); a stand-in step
+        # without .lower (tests patch build_step) runs as it is.
+        if platform == "cpu" and jax.process_count() == 1 and hasattr(step_fn, "lower"):
             step_fn = MemoryCheckedStep(step_fn, step_memory)
     data_cfg = run_data_config(config)
     pairs = train_pairs(data_cfg)

@@ -433,7 +433,11 @@ def test_out_of_memory_says_where_and_what_to_do_in_one_line(tmp_path, tiny_run,
     with pytest.raises(jax.errors.JaxRuntimeError, match="^INTERNAL"):  # others pass unchanged
         with train.OutOfMemoryHint("here", "fix"):
             raise jax.errors.JaxRuntimeError("INTERNAL: not memory")
-    monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: (_ for _ in ()).throw(err))
+
+    def fail(config, workdir):
+        raise err
+
+    monkeypatch.setattr(train, "train_and_evaluate", fail)
     with pytest.raises(SystemExit) as e:
         train.run(load_config("teacher", "smoke"), "unused")
     assert e.value.code == f"error: {err}" and "\n" not in e.value.code

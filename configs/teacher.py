@@ -14,7 +14,7 @@ Variants after the colon, combinable (`:official,smoke`):
 Workdir: runs/<config.name> (`--workdir` overrides); a rerun resumes from its last checkpoint.
 Expected time: 30k steps at global batch 16 (4 per GPU x 4 GPUs, as the paper) on GPUs; see
 scripts/benchmark_train.py for the steps/s of a given machine. On this 2-core CPU (24 GiB) a
-teacher step at batch 4 takes 37 s and 16 GiB, and batch 16 does not fit (XLA plans 48.9 GB: the
+teacher step at batch 4 takes 37 s and 15 GiB, and batch 16 does not fit (XLA plans 48.9 GB: the
 run stops with one error line before its first step), so CPU runs are smoke tests or short
 experiments only, at --config.batch_size=4.
 Expected result: validation quality ("clean" convention, DESIGN decision 8 formula) rising
